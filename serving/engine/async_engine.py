@@ -1,0 +1,101 @@
+"""An asyncio front for the engine: requests stream their outputs while one loop runs the steps.
+
+Steps run in a worker thread (the event loop stays free for I/O); a lock orders steps, new
+requests and aborts, so an abort frees the request's KV blocks before the next step starts.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from serving.config import LLMConfig
+from serving.engine.llm_engine import LLMEngine
+from serving.engine.sampling_params import SamplingParams
+from serving.engine.sequence import RequestOutput
+from serving.errors import EngineDeadError
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: LLMConfig) -> None:
+        self.engine = LLMEngine(config)
+        self._lock = threading.Lock()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.dead_error: BaseException | None = None
+        self.last_progress = time.monotonic()  # last time a step produced tokens (or the engine was idle)
+
+    @property
+    def is_running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def seconds_without_progress(self) -> float:
+        """How long the engine has had work but produced nothing (0 while idle)."""
+        if not self.engine.has_unfinished_requests():
+            return 0.0
+        return time.monotonic() - self.last_progress
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as tokens arrive; closing the iterator early aborts it."""
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead_error}")
+        self._ensure_loop()
+        request_id = request_id or uuid.uuid4().hex
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        with self._lock:
+            if not self.engine.has_unfinished_requests():
+                self.last_progress = time.monotonic()
+            self.engine.add_request(request_id, prompt, params)
+            self._streams[request_id] = queue
+        self._wakeup.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await asyncio.to_thread(self._abort_locked, request_id)
+
+    def _abort_locked(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort_request(request_id)
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    def _step_locked(self) -> list[RequestOutput]:
+        with self._lock:
+            return self.engine.step()
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                outputs = await asyncio.to_thread(self._step_locked)
+                if outputs:
+                    self.last_progress = time.monotonic()
+                for output in outputs:
+                    queue = self._streams.get(output.request_id)
+                    if queue is not None:
+                        queue.put_nowait(output)
+        except Exception as error:  # a fault in the step: fail every request in flight, loudly
+            self.dead_error = error
+            for queue in self._streams.values():
+                queue.put_nowait(EngineDeadError(f"the engine stopped: {error!r}"))
+            raise

@@ -1,0 +1,227 @@
+"""The synchronous engine: accepts requests, runs scheduler + model steps, reports outputs."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from serving.config import LLMConfig
+from serving.engine.block_manager import BlockManager
+from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.model_runner import ModelRunner, StepLogits
+from serving.engine.sampler import sample, top_logprobs
+from serving.engine.sampling_params import SamplingParams
+from serving.engine.scheduler import Scheduler
+from serving.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
+from serving.errors import ContextLengthError, InvalidRequestError
+from serving.models.arch import ModelArch
+from serving.models.source import resolve_model
+from serving.tokenizer import Tokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: LLMConfig) -> None:
+        self.config = config
+        self.model_dir: Path = resolve_model(config.model.source)
+        self.arch = ModelArch.from_folder(self.model_dir)
+        self.max_model_len = self._max_model_len()
+        self.model_name = config.model.served_name or self.model_dir.name
+        self.tokenizer = Tokenizer.from_folder(self.model_dir)
+        started = time.monotonic()
+        self.runner = ModelRunner(self.model_dir, self.arch, config.model, config.engine, self.max_model_len)
+        self.load_seconds = time.monotonic() - started
+        self.blocks = BlockManager(self.runner.num_blocks, config.engine.block_size, config.engine.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.engine)
+        self.requests: dict[str, Request] = {}
+
+    def _max_model_len(self) -> int:
+        limit = self.arch.max_position_embeddings
+        asked = self.config.model.max_model_len
+        if asked is not None and asked > limit:
+            raise ValueError(f"max_model_len {asked} exceeds the model's context length {limit}")
+        return asked or limit
+
+    # requests in
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Queue a request; raises InvalidRequestError (or ContextLengthError) if it cannot run."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        prompt_ids = self._prompt_ids(prompt)
+        self._check_length(len(prompt_ids), params)
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params)
+        seq = self._new_sequence(request, 0, prompt_ids)
+        request.seqs.append(seq)
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.arch.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        return ids
+
+    def _check_length(self, num_prompt: int, params: SamplingParams) -> None:
+        limit = self.max_model_len
+        wanted = num_prompt + (params.max_tokens or 1)
+        if wanted > limit:
+            raise ContextLengthError(
+                f"this model's maximum context length is {limit} tokens, but {wanted} were requested "
+                f"({num_prompt} in the prompt, {params.max_tokens or 1} for the completion)",
+                param="max_tokens" if num_prompt < limit else "prompt",
+            )
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        params = request.params
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+        seq = Sequence(request, index, token_ids, detok)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+        return seq
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output (None if unknown)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+        return self._output(request)
+
+    # the step
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns an output for each request that advanced."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.scheduled:
+            return []
+        logits = self.runner.execute(scheduled)
+        self.scheduler.step_done(scheduled)
+        touched: dict[str, Request] = {}
+        self._record_prompt_logprobs(logits)
+        for seq, token, logprob in self._sample(logits):
+            self._append_token(seq, token, logprob)
+            touched[seq.request.request_id] = seq.request
+        outputs = []
+        for request in touched.values():
+            outputs.append(self._output(request))
+            if request.is_finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _sample(self, logits: StepLogits):
+        """Sample each completing sequence; a parent finishing its prompt also samples its n-1 siblings."""
+        rows, seqs = [], []
+        for row, seq in enumerate(logits.sampling):
+            rows.append(row)
+            seqs.append(seq)
+            request = seq.request
+            if seq.index == 0 and len(request.seqs) < request.params.n:
+                for index in range(1, request.params.n):
+                    sibling = self._new_sequence(request, index, seq.token_ids)
+                    self.scheduler.add_forked(sibling, self.blocks.fork(seq, sibling))
+                    request.seqs.append(sibling)
+                    rows.append(row)
+                    seqs.append(sibling)
+        if not seqs:
+            return []
+        tokens, logprobs = sample(logits.sample_logits[rows], seqs)
+        return zip(seqs, tokens, logprobs)
+
+    def _record_prompt_logprobs(self, logits: StepLogits) -> None:
+        for seq, (start, rows) in logits.prompt_logits.items():
+            request = seq.request
+            k = request.params.prompt_logprobs
+            log_probs = torch.log_softmax(rows, dim=-1)
+            if not request.prompt_logprobs:
+                request.prompt_logprobs.append(None)  # nothing predicts the first token
+            for i in range(rows.shape[0]):
+                target = start + i + 1
+                if target < request.num_prompt_tokens and target == len(request.prompt_logprobs):
+                    request.prompt_logprobs.append(top_logprobs(log_probs[i], request.prompt_token_ids[target], k))
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> None:
+        request, params = seq.request, seq.request.params
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
+            return self._finish(seq, "stop")
+        if token in params.stop_token_ids:
+            return self._finish(seq, "stop", token)
+        seq.text += seq.detokenizer.add(token)
+        if params.stop and self._hit_stop_string(seq, params):
+            return
+        if len(seq.output_token_ids) >= (params.max_tokens or self.max_model_len) or len(seq.token_ids) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _hit_stop_string(self, seq: Sequence, params: SamplingParams) -> bool:
+        window_start = max(0, len(seq.text) - max(len(s) for s in params.stop) - 16)
+        hits = [(seq.text.find(s, window_start), s) for s in params.stop]
+        hits = [(pos, s) for pos, s in hits if pos >= 0]
+        if not hits:
+            return False
+        pos, stop = min(hits)
+        seq.text = seq.text[: pos + len(stop) if params.include_stop_str_in_output else pos]
+        self._finish(seq, "stop", stop)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        if reason != "stop" or stop_reason is None or isinstance(stop_reason, int):
+            seq.text += seq.detokenizer.finish()
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _output(self, request: Request) -> RequestOutput:
+        holdback = max((len(s) for s in request.params.stop), default=1) - 1
+        completions = []
+        for seq in request.seqs:
+            visible = len(seq.text) if seq.is_finished else max(seq.num_emitted_chars, len(seq.text) - holdback)
+            outputs = seq.output_token_ids
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.text[:visible],
+                    token_ids=list(outputs),
+                    text_delta=seq.text[seq.num_emitted_chars : visible],
+                    token_ids_delta=outputs[seq.num_emitted_tokens :],
+                    logprobs=list(seq.logprobs) if request.params.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+            seq.num_emitted_chars, seq.num_emitted_tokens = visible, len(outputs)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=request.prompt_logprobs if request.params.prompt_logprobs is not None else None,
+            outputs=completions,
+            finished=request.is_finished,
+            arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time,
+        )
+
+    # state for metrics and health
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)

@@ -1,0 +1,202 @@
+"""Owns the model and its KV cache on one device, and runs one scheduled step through them.
+
+On CUDA, decode-only steps replay CUDA graphs captured for a ladder of batch sizes (the batch is
+padded up to the next captured size, padding tokens write to a scratch block).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from serving.config import EngineConfig, ModelConfig
+from serving.engine.scheduler import SchedulerOutput, ScheduledSeq
+from serving.engine.sequence import Sequence
+from serving.models.arch import ModelArch
+from serving.models.attention import AttentionMetadata, PrefillChunk
+from serving.models.cpu_linear import onednn_available, pack_linears
+from serving.models.loader import load_model
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+CPU_DEFAULT_KV_GB = 2.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass
+class StepLogits:
+    sample_logits: torch.Tensor  # [S, V], one row per sequence whose chunk completed, in `sampling` order
+    sampling: list[Sequence]
+    prompt_logits: dict[Sequence, tuple[int, torch.Tensor]]  # seq -> (first position, [n, V])
+
+
+class ModelRunner:
+    def __init__(self, folder: Path, arch: ModelArch, model_config: ModelConfig, engine_config: EngineConfig, max_model_len: int) -> None:
+        if engine_config.num_threads:
+            torch.set_num_threads(engine_config.num_threads)
+        self.arch = arch
+        self.device = resolve_device(model_config.device)
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.block_size = engine_config.block_size
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.model = load_model(folder, arch, self.dtype, self.device, max_model_len)
+        if self.device.type == "cpu" and self.dtype == torch.float32 and onednn_available():
+            if self.model.lm_head is None:  # the packed LM head is a second copy of the tied embedding
+                self.model.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+                self.model.lm_head.weight = self.model.embed_tokens.weight
+            pack_linears(self.model)
+        self.num_blocks = self._num_blocks(engine_config.kv_cache_memory_gb)
+        shape = (self.num_blocks + 1, self.block_size, arch.num_kv_heads, arch.head_dim)  # +1: scratch block
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(arch.num_layers)
+        ]
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.device.type == "cuda" and not engine_config.enforce_eager:
+            self._capture_graphs(engine_config.max_num_seqs)
+
+    def _bytes_per_block(self) -> int:
+        per_token = 2 * self.arch.num_layers * self.arch.num_kv_heads * self.arch.head_dim * self.dtype.itemsize
+        return per_token * self.block_size
+
+    def _num_blocks(self, budget_gb: float | None) -> int:
+        if budget_gb is not None:
+            budget = budget_gb * 2**30
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = 0.9 * free - 2 * 2**30  # leave room for activations and CUDA graphs
+        else:
+            budget = CPU_DEFAULT_KV_GB * 2**30
+        num_blocks = int(budget // self._bytes_per_block())
+        if num_blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"KV cache budget holds {num_blocks * self.block_size} tokens, fewer than one sequence of "
+                f"max_model_len {self.max_blocks_per_seq * self.block_size}; raise kv_cache_memory_gb or lower max_model_len"
+            )
+        return num_blocks
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> StepLogits:
+        for src, dst in step.block_copies:
+            for k_cache, v_cache in self.kv_caches:
+                k_cache[dst].copy_(k_cache[src])
+                v_cache[dst].copy_(v_cache[src])
+        decodes = [s for s in step.scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in step.scheduled if s.num_new_tokens > 1]
+        ordered = decodes + prefills
+        input_ids, positions, slots = [], [], []
+        for item in ordered:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            input_ids += seq.token_ids[start : start + item.num_new_tokens]
+            for pos in range(start, start + item.num_new_tokens):
+                positions.append(pos)
+                slots.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+        if not prefills and self.graphs and len(decodes) <= max(self.graphs):
+            hidden = self._replay_graph(decodes, input_ids, positions, slots)
+        else:
+            meta = self._metadata(decodes, prefills, slots)
+            hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
+        return self._logits(ordered, hidden)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _metadata(self, decodes: list[ScheduledSeq], prefills: list[ScheduledSeq], slots: list[int]) -> AttentionMetadata:
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decodes=len(decodes))
+        if decodes:
+            width = max(len(d.seq.block_table) for d in decodes)
+            tables = [d.seq.block_table + [self.num_blocks] * (width - len(d.seq.block_table)) for d in decodes]
+            meta.decode_block_tables = self._tensor(tables)
+            meta.decode_context_lens = self._tensor([d.seq.num_computed_tokens + 1 for d in decodes])
+        offset = len(decodes)
+        for item in prefills:
+            computed = item.seq.num_computed_tokens
+            table = self._tensor(item.seq.block_table) if computed else None
+            meta.prefills.append(PrefillChunk(offset, offset + item.num_new_tokens, computed + item.num_new_tokens, table))
+            offset += item.num_new_tokens
+        return meta
+
+    def _logits(self, ordered: list[ScheduledSeq], hidden: torch.Tensor) -> StepLogits:
+        sample_rows, sampling, prompt_logits = [], [], {}
+        offset = 0
+        for item in ordered:
+            end = offset + item.num_new_tokens
+            seq = item.seq
+            if seq.request.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens - 1:
+                prompt_logits[seq] = (seq.num_computed_tokens, self.model.compute_logits(hidden[offset:end]).float())
+            if item.completes:
+                sample_rows.append(end - 1)
+                sampling.append(seq)
+            offset = end
+        rows = hidden[torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)]
+        return StepLogits(self.model.compute_logits(rows), sampling, prompt_logits)
+
+    # CUDA graphs for decode-only steps
+
+    def _capture_graphs(self, max_num_seqs: int) -> None:
+        sizes = [b for b in _GRAPH_BATCH_SIZES if b <= max_num_seqs] or [1]
+        biggest = sizes[-1]
+        self._static = {
+            "input_ids": torch.zeros(biggest, dtype=torch.long, device=self.device),
+            "positions": torch.zeros(biggest, dtype=torch.long, device=self.device),
+            "slots": torch.zeros(biggest, dtype=torch.long, device=self.device),
+            "tables": torch.zeros(biggest, self.max_blocks_per_seq, dtype=torch.long, device=self.device),
+            "context_lens": torch.ones(biggest, dtype=torch.long, device=self.device),
+        }
+        self._fill_padding(0, biggest)
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for b in reversed(sizes):
+                meta = self._graph_metadata(b)
+                args = (self._static["input_ids"][:b], self._static["positions"][:b], self.kv_caches, meta)
+                self.model(*args)  # warm-up outside the graph
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self.model(*args)
+                self.graphs[b] = (graph, out)
+        torch.cuda.synchronize()
+
+    def _graph_metadata(self, b: int) -> AttentionMetadata:
+        s = self._static
+        return AttentionMetadata(s["slots"][:b], b, s["tables"][:b], s["context_lens"][:b])
+
+    def _fill_padding(self, start: int, end: int) -> None:
+        s = self._static
+        s["input_ids"][start:end] = 0
+        s["positions"][start:end] = 0
+        s["slots"][start:end] = self.num_blocks * self.block_size  # the scratch block
+        s["tables"][start:end] = self.num_blocks
+        s["context_lens"][start:end] = 1
+
+    def _replay_graph(self, decodes: list[ScheduledSeq], input_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        n = len(decodes)
+        b = min(size for size in self.graphs if size >= n)
+        s = self._static
+        tables = torch.full((n, self.max_blocks_per_seq), self.num_blocks, dtype=torch.long)
+        for i, d in enumerate(decodes):
+            tables[i, : len(d.seq.block_table)] = torch.tensor(d.seq.block_table)
+        s["input_ids"][:n].copy_(torch.tensor(input_ids), non_blocking=True)
+        s["positions"][:n].copy_(torch.tensor(positions), non_blocking=True)
+        s["slots"][:n].copy_(torch.tensor(slots), non_blocking=True)
+        s["tables"][:n].copy_(tables, non_blocking=True)
+        s["context_lens"][:n].copy_(torch.tensor([d.seq.num_computed_tokens + 1 for d in decodes]), non_blocking=True)
+        self._fill_padding(n, b)
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out[:n]

@@ -1,0 +1,61 @@
+"""Per-request sampling parameters, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from serving.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16  # None: up to the context length
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs per output token (0: the chosen token only)
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self._check(isinstance(self.n, int) and self.n >= 1, "n", "n must be an integer >= 1")
+        self._check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "max_tokens must be >= 1")
+        self._check(self.temperature >= 0, "temperature", "temperature must be >= 0")
+        self._check(0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]")
+        self._check(self.top_k >= 0 or self.top_k == -1, "top_k", "top_k must be >= 0 (or -1 for all)")
+        self._check(0 <= self.min_p <= 1, "min_p", "min_p must be in [0, 1]")
+        self._check(-2 <= self.presence_penalty <= 2, "presence_penalty", "presence_penalty must be in [-2, 2]")
+        self._check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "frequency_penalty must be in [-2, 2]")
+        self._check(self.repetition_penalty > 0, "repetition_penalty", "repetition_penalty must be > 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            self._check(value is None or 0 <= value <= MAX_LOGPROBS, name, f"{name} must be in [0, {MAX_LOGPROBS}]")
+        self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
+        if self.top_k == -1:
+            self.top_k = 0
+
+    @staticmethod
+    def _check(ok: bool, param: str, message: str) -> None:
+        if not ok:
+            raise InvalidRequestError(message, param=param)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

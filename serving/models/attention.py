@@ -1,0 +1,111 @@
+"""Attention over a paged KV cache for a flattened batch of decode tokens and prefill chunks.
+
+The flattened batch puts the decode tokens (one per sequence) first, then each prefill chunk.
+Decodes run as one batched SDPA call over keys gathered through their block tables, with a
+static shape (so the call can be captured in a CUDA graph); each prefill chunk runs its own
+causal SDPA call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of new tokens at [start, end) of the flattened batch."""
+
+    start: int
+    end: int
+    context_len: int  # tokens attended to by the last query: cached prefix + this chunk
+    block_table: torch.Tensor | None  # only needed when the chunk follows a cached prefix
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
+    num_decodes: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks]
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes]
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, keys]: set by prepare_decode_mask
+
+    def prepare_decode_mask(self, block_size: int) -> None:
+        """Build the decode key mask once per forward pass; every layer reuses it."""
+        if self.num_decodes:
+            keys = torch.arange(self.decode_block_tables.shape[1] * block_size, device=self.slot_mapping.device)
+            self.decode_mask = (keys[None, :] < self.decode_context_lens[:, None])[:, None, None, :]
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    if not meta.prefills:
+        return _decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale)
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        n = meta.num_decodes
+        out[:n] = _decode_attention(q[:n], k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale)
+    for chunk in meta.prefills:
+        out[chunk.start : chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, chunk, scale)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[B, max_blocks] block ids -> [B, KVH, max_blocks * block_size, D] keys or values."""
+    gathered = cache[block_tables]  # [B, max_blocks, block_size, KVH, D]
+    b, nb, bs, h, d = gathered.shape
+    return gathered.view(b, nb * bs, h, d).transpose(1, 2)
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    keys = _gather(k_cache, block_tables)
+    values = _gather(v_cache, block_tables)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return out.squeeze(2)
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    scale: float,
+) -> torch.Tensor:
+    n = chunk.end - chunk.start
+    queries = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+    if chunk.context_len == n:  # no cached prefix: the chunk's own keys suffice
+        keys = k[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+        values = v[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        ctx = chunk.context_len
+        keys = _gather(k_cache, chunk.block_table[None])[:, :, :ctx]
+        values = _gather(v_cache, chunk.block_table[None])[:, :, :ctx]
+        key_pos = torch.arange(ctx, device=q.device)
+        query_pos = torch.arange(ctx - n, ctx, device=q.device)
+        mask = key_pos[None, :] <= query_pos[:, None]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)

@@ -1,0 +1,120 @@
+"""Build the model on the meta device and fill it straight from the safetensors files.
+
+Each file is memory-mapped and read one layer at a time, and the mapping is reopened between
+layers so the pages already copied leave the process: peak memory stays close to the model size.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from serving.errors import ModelSourceError
+from serving.models.arch import ModelArch
+from serving.models.llama import LlamaForCausalLM, RotaryEmbedding
+
+_FUSED = {  # checkpoint projection -> (fused parameter, index of its slice)
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted({folder / name for name in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    missing = [f.name for f in files if not f.is_file()]
+    if not files or missing:
+        raise ModelSourceError(f"{folder}: safetensors weights missing ({', '.join(missing) or 'no *.safetensors'})")
+    return files
+
+
+def load_model(folder: Path, arch: ModelArch, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch, max_positions).to(dtype)
+    model.to_empty(device=device)
+    model.rotary = RotaryEmbedding(arch, max_positions).to(device)
+    params = dict(model.named_parameters())
+    expected = _expected_slots(params)
+    loaded: set[str] = set()
+    files = safetensors_files(Path(folder))
+    with tqdm(total=len(expected), desc="Loading weights", unit="tensor") as bar:
+        for path in files:
+            for group in _layer_groups(path):
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    for ckpt_name in group:
+                        slot = _copy_tensor(model, params, arch, ckpt_name, f)
+                        if slot is not None:
+                            loaded.add(slot)
+                            bar.update(1)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ModelSourceError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return model.eval()
+
+
+def _layer_groups(path: Path) -> list[list[str]]:
+    with safe_open(path, framework="pt", device="cpu") as f:
+        names = list(f.keys())
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        match = re.search(r"layers\.(\d+)\.", name)
+        groups[match.group(1) if match else "rest"].append(name)
+    return list(groups.values())
+
+
+def _expected_slots(params: dict) -> set[str]:
+    slots: set[str] = set()
+    for name in params:
+        shards = 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 0
+        slots |= {_slot_key(name, i) for i in range(shards)} if shards else {name}
+    return slots
+
+
+def _slot_key(param_name: str, shard: int | None) -> str:
+    return param_name if shard is None else f"{param_name}#{shard}"
+
+
+def _copy_tensor(model: LlamaForCausalLM, params: dict, arch: ModelArch, ckpt_name: str, f) -> str | None:
+    """Copy one checkpoint tensor into its (slice of a) parameter; returns the slot it filled."""
+    if _IGNORED.search(ckpt_name):
+        return None
+    name = ckpt_name.removeprefix("model.")
+    if name == "lm_head.weight" and model.lm_head is None:
+        return None  # tied embeddings: some checkpoints store the copy anyway
+    parts = name.split(".")
+    shard = None
+    if len(parts) >= 2 and parts[-2] in _FUSED:
+        fused, shard = _FUSED[parts[-2]]
+        parts[-2] = fused
+    param_name = ".".join(parts)
+    param = params.get(param_name)
+    if param is None:
+        raise ModelSourceError(f"checkpoint tensor {ckpt_name!r} has no place in {arch.architecture}")
+    tensor = f.get_tensor(ckpt_name)
+    target = param.data if shard is None else param.data.narrow(0, *_shard_range(arch, param_name, shard))
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ModelSourceError(f"{ckpt_name}: shape {tuple(tensor.shape)} does not match the config's {tuple(target.shape)}")
+    target.copy_(tensor)
+    return _slot_key(param_name, shard)
+
+
+def _shard_range(arch: ModelArch, param_name: str, shard: int) -> tuple[int, int]:
+    """(row offset, row count) of one projection inside a fused parameter."""
+    if "qkv_proj" in param_name:
+        q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        return [(0, q), (q, kv), (q + kv, kv)][shard]
+    size = arch.intermediate_size
+    return (shard * size, size)
