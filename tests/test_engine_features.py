@@ -219,3 +219,15 @@ async def _collect(stream):
     async for output in stream:
         last = output
     return last
+
+
+def test_prompts_arriving_together_compute_a_shared_prefix_once(tiny_model):
+    llm = LLM(str(tiny_model), block_size=4, kv_cache_memory_gb=0.02, enable_prefix_caching=True)
+    shared = "A long shared instruction that every request in this batch starts with, word for word. "
+    prompts = [shared + f"Question {i}?" for i in range(4)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    together = llm.generate(prompts, params, use_tqdm=False)
+    shared_blocks = len(llm.tokenizer.encode(shared)) // 4 - 1
+    assert llm.engine.blocks.prefix_hits >= 3 * shared_blocks * 4  # three of four reused the first one's blocks
+    alone = [LLM(str(tiny_model), block_size=4, kv_cache_memory_gb=0.02, enable_prefix_caching=False).generate([p], params, use_tqdm=False)[0] for p in prompts[:1]]
+    assert together[0].outputs[0].token_ids == alone[0].outputs[0].token_ids

@@ -3,7 +3,9 @@
 A sequence owns a block table (a list of block ids). Blocks full of computed tokens are named
 by a hash chained over all tokens up to and including the block, so a later sequence with the
 same prefix can take them instead of recomputing. Freed blocks with a hash stay reusable until
-memory is needed, then the least recently freed is evicted first.
+memory is needed, then the least recently freed is evicted first. Prompt blocks that a running
+sequence is still computing are "in flight": a new prompt that needs one waits a step for it
+rather than computing it a second time.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class BlockManager:
         self.cached_blocks: dict[bytes, int] = {}
         self.empty: deque[int] = deque(range(num_blocks))  # free and holding nothing reusable
         self.evictable: OrderedDict[int, None] = OrderedDict()  # free but hashed, oldest first
+        self.in_flight: dict[bytes, Sequence] = {}  # prompt block hash -> the sequence computing it
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
@@ -39,25 +42,45 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, seq: Sequence) -> None:
-        """Give a new sequence the cached blocks of its longest known prefix."""
+    def match_prefix(self, seq: Sequence) -> bool:
+        """Give a new sequence the cached blocks of its longest known prefix.
+
+        Returns False (taking nothing) when the next block is being computed by another sequence:
+        the caller should retry next step, when that block will be cached.
+        """
         if not self.enable_prefix_caching or seq.request.params.prompt_logprobs is not None:
-            return
+            return True
         # at least one token must be computed, so that the step produces logits
-        num_full = (len(seq.token_ids) - 1) // self.block_size
-        parent = b""
-        for i in range(num_full):
-            block_hash = self._hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            block = self.cached_blocks.get(block_hash)
-            if block is None:
-                break
+        hashes = self._prompt_block_hashes(seq)[: (len(seq.token_ids) - 1) // self.block_size]
+        cached = 0
+        while cached < len(hashes) and hashes[cached] in self.cached_blocks:
+            cached += 1
+        if cached < len(hashes) and hashes[cached] in self.in_flight:
+            return False
+        for block_hash in hashes[:cached]:
+            block = self.cached_blocks[block_hash]
             self._take(block)
             seq.block_table.append(block)
             seq.block_hashes.append(block_hash)
-            parent = block_hash
-        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        seq.num_computed_tokens = cached * self.block_size
         self.prefix_queries += len(seq.token_ids)
         self.prefix_hits += seq.num_computed_tokens
+        return True
+
+    def mark_in_flight(self, seq: Sequence) -> None:
+        """Record the admitted sequence's uncached prompt blocks as being computed by it."""
+        if self.enable_prefix_caching:
+            for block_hash in self._prompt_block_hashes(seq)[len(seq.block_hashes) :]:
+                self.in_flight.setdefault(block_hash, seq)
+
+    def _prompt_block_hashes(self, seq: Sequence) -> list[bytes]:
+        if seq.prompt_block_hashes is None:
+            hashes, parent = [], b""
+            for i in range(seq.num_prompt_tokens // self.block_size):
+                parent = self._hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+                hashes.append(parent)
+            seq.prompt_block_hashes = hashes
+        return seq.prompt_block_hashes
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make the block table cover `num_new_tokens` more tokens; False if memory is short."""
@@ -77,9 +100,15 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         while len(seq.block_hashes) < num_full:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else b""
-            block_hash = self._hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            prompt_hashes = self._prompt_block_hashes(seq)
+            if i < len(prompt_hashes):
+                block_hash = prompt_hashes[i]
+            else:
+                parent = seq.block_hashes[-1] if seq.block_hashes else b""
+                block_hash = self._hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             seq.block_hashes.append(block_hash)
+            if self.in_flight.get(block_hash) is seq:
+                del self.in_flight[block_hash]
             block = seq.block_table[i]
             if block_hash not in self.cached_blocks and self.block_hashes[block] is None:
                 self.cached_blocks[block_hash] = block
@@ -100,6 +129,9 @@ class BlockManager:
         return parent.block_table[num_full], child.block_table[-1]
 
     def free(self, seq: Sequence) -> None:
+        for block_hash in seq.prompt_block_hashes or ():
+            if self.in_flight.get(block_hash) is seq:
+                del self.in_flight[block_hash]
         for block in reversed(seq.block_table):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:

@@ -87,26 +87,31 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
+        waiting_on_prefix: list[Sequence] = []
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.block_table:
-                self.blocks.match_prefix(seq)
+            seq = self.waiting.popleft()
+            if not seq.block_table and not self.blocks.match_prefix(seq):
+                waiting_on_prefix.append(seq)  # its next prompt block is being computed right now
+                continue
             n = seq.num_uncomputed_tokens
             if n > budget and (self.config.enable_chunked_prefill or scheduled):
                 if not self.config.enable_chunked_prefill:
+                    self.waiting.appendleft(seq)
                     break  # the whole prompt waits for a step of its own
                 n = budget
             if not self.blocks.allocate_slots(seq, n):
                 self.blocks.free(seq)
                 seq.num_computed_tokens = 0
+                self.waiting.appendleft(seq)
                 break
-            self.waiting.popleft()
+            self.blocks.mark_in_flight(seq)
             seq.status = SeqStatus.RUNNING
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(waiting_on_prefix))
         copies, self.pending_copies = self.pending_copies, []
         return SchedulerOutput(scheduled, copies)
 

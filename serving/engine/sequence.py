@@ -31,6 +31,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # hashes of the leading full blocks (prefix caching)
+        self.prompt_block_hashes: list[bytes] | None = None  # of every full prompt block, computed once
         self.status = SeqStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None

@@ -79,10 +79,11 @@ def _decode_attention(
 ) -> torch.Tensor:
     keys = _gather(k_cache, block_tables)
     values = _gather(v_cache, block_tables)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-    )
-    return out.squeeze(2)
+    # the query heads sharing a KV head become that head's queries: no KV repeat, one kernel call
+    b, num_heads, head_dim = q.shape
+    grouped = q.view(b, keys.shape[1], num_heads // keys.shape[1], head_dim)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(b, num_heads, head_dim)
 
 
 def _prefill_attention(

@@ -1,22 +1,21 @@
 """Build the model on the meta device and fill it straight from the safetensors files.
 
-Each file is memory-mapped and read one layer at a time, and the mapping is reopened between
-layers so the pages already copied leave the process: peak memory stays close to the model size.
+Each tensor is read from disk directly into its (slice of a) parameter: no full-model copy,
+no mapped file pages, so peak memory stays close to the model size.
 """
 from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from serving.errors import ModelSourceError
 from serving.models.arch import ModelArch
 from serving.models.llama import LlamaForCausalLM, RotaryEmbedding
+from serving.models.safetensors_reader import SafetensorsFile
 
 _FUSED = {  # checkpoint projection -> (fused parameter, index of its slice)
     "q_proj": ("qkv_proj", 0),
@@ -52,27 +51,17 @@ def load_model(folder: Path, arch: ModelArch, dtype: torch.dtype, device: torch.
     files = safetensors_files(Path(folder))
     with tqdm(total=len(expected), desc="Loading weights", unit="tensor") as bar:
         for path in files:
-            for group in _layer_groups(path):
-                with safe_open(path, framework="pt", device="cpu") as f:
-                    for ckpt_name in group:
-                        slot = _copy_tensor(model, params, arch, ckpt_name, f)
-                        if slot is not None:
-                            loaded.add(slot)
-                            bar.update(1)
+            reader = SafetensorsFile(path)
+            with open(path, "rb") as f:
+                for ckpt_name in reader.keys():
+                    slot = _copy_tensor(model, params, arch, ckpt_name, reader, f)
+                    if slot is not None:
+                        loaded.add(slot)
+                        bar.update(1)
     missing = sorted(expected - loaded)
     if missing:
         raise ModelSourceError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     return model.eval()
-
-
-def _layer_groups(path: Path) -> list[list[str]]:
-    with safe_open(path, framework="pt", device="cpu") as f:
-        names = list(f.keys())
-    groups: dict[str, list[str]] = defaultdict(list)
-    for name in names:
-        match = re.search(r"layers\.(\d+)\.", name)
-        groups[match.group(1) if match else "rest"].append(name)
-    return list(groups.values())
 
 
 def _expected_slots(params: dict) -> set[str]:
@@ -87,7 +76,7 @@ def _slot_key(param_name: str, shard: int | None) -> str:
     return param_name if shard is None else f"{param_name}#{shard}"
 
 
-def _copy_tensor(model: LlamaForCausalLM, params: dict, arch: ModelArch, ckpt_name: str, f) -> str | None:
+def _copy_tensor(model: LlamaForCausalLM, params: dict, arch: ModelArch, ckpt_name: str, reader: SafetensorsFile, f) -> str | None:
     """Copy one checkpoint tensor into its (slice of a) parameter; returns the slot it filled."""
     if _IGNORED.search(ckpt_name):
         return None
@@ -103,11 +92,10 @@ def _copy_tensor(model: LlamaForCausalLM, params: dict, arch: ModelArch, ckpt_na
     param = params.get(param_name)
     if param is None:
         raise ModelSourceError(f"checkpoint tensor {ckpt_name!r} has no place in {arch.architecture}")
-    tensor = f.get_tensor(ckpt_name)
     target = param.data if shard is None else param.data.narrow(0, *_shard_range(arch, param_name, shard))
-    if tuple(target.shape) != tuple(tensor.shape):
-        raise ModelSourceError(f"{ckpt_name}: shape {tuple(tensor.shape)} does not match the config's {tuple(target.shape)}")
-    target.copy_(tensor)
+    if tuple(target.shape) != reader.shape(ckpt_name):
+        raise ModelSourceError(f"{ckpt_name}: shape {reader.shape(ckpt_name)} does not match the config's {tuple(target.shape)}")
+    reader.read_into(ckpt_name, target, f)
     return _slot_key(param_name, shard)
 
 
