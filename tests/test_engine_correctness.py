@@ -101,3 +101,27 @@ def test_default_model_answers(default_model):
     output = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
     assert "Paris" in output.outputs[0].text
     assert output.outputs[0].finish_reason == "stop"
+
+
+def test_sharded_checkpoint_loads_the_same_model(tmp_path, tiny_model):
+    """A checkpoint split over two files with model.safetensors.index.json gives identical outputs."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_model, sharded)
+    tensors = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    weight_map = {}
+    for filename, part in halves.items():
+        save_file({name: tensors[name] for name in part}, sharded / filename)
+        weight_map |= {name: filename for name in part}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=3, ignore_eos=True)
+    whole = LLM(str(tiny_model), kv_cache_memory_gb=0.02).generate(PROMPTS[:3], params, use_tqdm=False)
+    split = LLM(str(sharded), kv_cache_memory_gb=0.02).generate(PROMPTS[:3], params, use_tqdm=False)
+    assert [o.outputs[0].logprobs for o in whole] == [o.outputs[0].logprobs for o in split]

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv and install llm-cluster with its test tools. Safe to run again.
+# torch is pinned to 2.13.0, whose CPU build pip takes from local disk on the project's machines;
+# on a GPU machine install a CUDA build of torch first and this leaves it alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
