@@ -231,3 +231,20 @@ def test_prompts_arriving_together_compute_a_shared_prefix_once(tiny_model):
     assert llm.engine.blocks.prefix_hits >= 3 * shared_blocks * 4  # three of four reused the first one's blocks
     alone = [LLM(str(tiny_model), block_size=4, kv_cache_memory_gb=0.02, enable_prefix_caching=False).generate([p], params, use_tqdm=False)[0] for p in prompts[:1]]
     assert together[0].outputs[0].token_ids == alone[0].outputs[0].token_ids
+
+
+def test_async_engine_rejects_bad_requests_and_keeps_serving(tiny_model):
+    engine = AsyncLLMEngine(LLMConfig(model=ModelConfig(source=str(tiny_model)), engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.02)))
+
+    async def scenario():
+        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        running = asyncio.create_task(_collect(engine.generate("first", params, request_id="same-id")))
+        await asyncio.sleep(0.05)
+        with pytest.raises(InvalidRequestError, match="already in use"):
+            await _collect(engine.generate("second", params, request_id="same-id"))
+        with pytest.raises(ContextLengthError):
+            await _collect(engine.generate("x " * 600, params))
+        first = await running
+        assert first.finished and len(first.outputs[0].token_ids) == 40
+
+    asyncio.run(scenario())

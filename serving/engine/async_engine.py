@@ -15,7 +15,7 @@ from serving.config import LLMConfig
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import RequestOutput
-from serving.errors import EngineDeadError
+from serving.errors import EngineDeadError, InvalidRequestError, LLMClusterError
 
 
 class AsyncLLMEngine:
@@ -44,15 +44,18 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"the engine stopped: {self.dead_error}")
         self._ensure_loop()
         request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        with self._lock:
-            if not self.engine.has_unfinished_requests():
-                self.last_progress = time.monotonic()
-            self.engine.add_request(request_id, prompt, params)
-            self._streams[request_id] = queue
-        self._wakeup.set()
+        self._streams[request_id] = queue
         finished = False
         try:
+            try:
+                await asyncio.to_thread(self._add_locked, request_id, prompt, params)
+            except LLMClusterError:
+                finished = True  # rejected: nothing was queued, nothing to abort
+                raise
+            self._wakeup.set()
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -61,11 +64,18 @@ class AsyncLLMEngine:
                 yield item
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
-                await self.abort(request_id)
+            if not finished:  # closed early, cancelled or failed: make sure the engine lets it go
+                await asyncio.shield(self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
         await asyncio.to_thread(self._abort_locked, request_id)
+
+    def _add_locked(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Runs in a worker thread: waiting for the lock (held during a step) must not block the event loop."""
+        with self._lock:
+            if not self.engine.has_unfinished_requests():
+                self.last_progress = time.monotonic()
+            self.engine.add_request(request_id, prompt, params)
 
     def _abort_locked(self, request_id: str) -> None:
         with self._lock:
