@@ -9,10 +9,10 @@ import torch
 from serving.config import LLMConfig
 from serving.engine.block_manager import BlockManager
 from serving.engine.detokenizer import IncrementalDetokenizer
-from serving.engine.model_runner import ModelRunner, StepLogits
+from serving.engine.model_runner import ModelRunner, SeqChunk, StepInput
 from serving.engine.sampler import sample, top_logprobs
 from serving.engine.sampling_params import SamplingParams
-from serving.engine.scheduler import Scheduler
+from serving.engine.scheduler import ScheduledSeq, Scheduler
 from serving.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
 from serving.errors import ContextLengthError, InvalidRequestError
 from serving.models.arch import ModelArch
@@ -107,11 +107,14 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
-        logits = self.runner.execute(scheduled)
+        chunks = [self._chunk(item) for item in scheduled.scheduled]
+        logits = self.runner.execute(StepInput(chunks, scheduled.block_copies))
         self.scheduler.step_done(scheduled)
+        for i, rows in logits.prompt_logits.items():
+            self._record_prompt_logprobs(scheduled.scheduled[i].seq, chunks[i].start, rows)
+        sampling = [item.seq for item, chunk in zip(scheduled.scheduled, chunks) if chunk.sample]
         touched: dict[str, Request] = {}
-        self._record_prompt_logprobs(logits)
-        for seq, token, logprob in self._sample(logits):
+        for seq, token, logprob in self._sample(sampling, logits.sample_logits):
             self._append_token(seq, token, logprob)
             touched[seq.request.request_id] = seq.request
         outputs = []
@@ -121,10 +124,16 @@ class LLMEngine:
                 del self.requests[request.request_id]
         return outputs
 
-    def _sample(self, logits: StepLogits):
+    @staticmethod
+    def _chunk(item: ScheduledSeq) -> SeqChunk:
+        seq, start = item.seq, item.seq.num_computed_tokens
+        wants_prompt_logits = seq.request.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1
+        return SeqChunk(seq.token_ids[start : start + item.num_new_tokens], start, list(seq.block_table), item.completes, wants_prompt_logits)
+
+    def _sample(self, sampling: list[Sequence], sample_logits: torch.Tensor):
         """Sample each completing sequence; a parent finishing its prompt also samples its n-1 siblings."""
         rows, seqs = [], []
-        for row, seq in enumerate(logits.sampling):
+        for row, seq in enumerate(sampling):
             rows.append(row)
             seqs.append(seq)
             request = seq.request
@@ -137,20 +146,20 @@ class LLMEngine:
                     seqs.append(sibling)
         if not seqs:
             return []
-        tokens, logprobs = sample(logits.sample_logits[rows], seqs)
+        tokens, logprobs = sample(sample_logits[rows], seqs)
         return zip(seqs, tokens, logprobs)
 
-    def _record_prompt_logprobs(self, logits: StepLogits) -> None:
-        for seq, (start, rows) in logits.prompt_logits.items():
-            request = seq.request
-            k = request.params.prompt_logprobs
-            log_probs = torch.log_softmax(rows, dim=-1)
-            if not request.prompt_logprobs:
-                request.prompt_logprobs.append(None)  # nothing predicts the first token
-            for i in range(rows.shape[0]):
-                target = start + i + 1
-                if target < request.num_prompt_tokens and target == len(request.prompt_logprobs):
-                    request.prompt_logprobs.append(top_logprobs(log_probs[i], request.prompt_token_ids[target], k))
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, start: int, rows: torch.Tensor) -> None:
+        """Row i holds the logits after position start + i, i.e. the prediction of token start + i + 1."""
+        request = seq.request
+        log_probs = torch.log_softmax(rows, dim=-1)
+        if not request.prompt_logprobs:
+            request.prompt_logprobs.append(None)  # nothing predicts the first token
+        for i in range(rows.shape[0]):
+            target = start + i + 1
+            if target < request.num_prompt_tokens and target == len(request.prompt_logprobs):
+                request.prompt_logprobs.append(top_logprobs(log_probs[i], request.prompt_token_ids[target], request.params.prompt_logprobs))
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> None:
         request, params = seq.request, seq.request.params

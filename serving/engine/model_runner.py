@@ -12,8 +12,6 @@ import torch
 from torch import nn
 
 from serving.config import EngineConfig, ModelConfig
-from serving.engine.scheduler import SchedulerOutput, ScheduledSeq
-from serving.engine.sequence import Sequence
 from serving.models.arch import ModelArch
 from serving.models.attention import AttentionMetadata, PrefillChunk
 from serving.models.cpu_linear import onednn_available, pack_linears
@@ -39,10 +37,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 @dataclass
+class SeqChunk:
+    """One sequence's share of a step, in plain data (it travels to remote workers as is)."""
+
+    token_ids: list[int]  # the tokens to compute this step
+    start: int  # position of the first of them (= tokens already in the KV cache)
+    block_table: list[int]
+    sample: bool  # the chunk ends the sequence: its last position's logits are sampled
+    prompt_logits: bool  # also return the logits of every position (prompt logprobs)
+
+
+@dataclass
+class StepInput:
+    chunks: list[SeqChunk]
+    block_copies: list[tuple[int, int]]  # (src, dst) KV block copies to make before the step
+
+
+@dataclass
 class StepLogits:
-    sample_logits: torch.Tensor  # [S, V], one row per sequence whose chunk completed, in `sampling` order
-    sampling: list[Sequence]
-    prompt_logits: dict[Sequence, tuple[int, torch.Tensor]]  # seq -> (first position, [n, V])
+    sample_logits: torch.Tensor  # [S, V]: one row per chunk with sample=True, in chunk order
+    prompt_logits: dict[int, torch.Tensor]  # chunk index -> [n, V] logits of all its positions
 
 
 class ModelRunner:
@@ -91,60 +105,60 @@ class ModelRunner:
         return num_blocks
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> StepLogits:
+    def execute(self, step: StepInput) -> StepLogits:
         for src, dst in step.block_copies:
             for k_cache, v_cache in self.kv_caches:
                 k_cache[dst].copy_(k_cache[src])
                 v_cache[dst].copy_(v_cache[src])
-        decodes = [s for s in step.scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in step.scheduled if s.num_new_tokens > 1]
-        ordered = decodes + prefills
+        # decodes (one new token) first, then prefill chunks; `order` maps back to chunk indices
+        order = sorted(range(len(step.chunks)), key=lambda i: len(step.chunks[i].token_ids) > 1)
+        chunks = [step.chunks[i] for i in order]
+        num_decodes = sum(len(c.token_ids) == 1 for c in chunks)
         input_ids, positions, slots = [], [], []
-        for item in ordered:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            input_ids += seq.token_ids[start : start + item.num_new_tokens]
-            for pos in range(start, start + item.num_new_tokens):
+        for chunk in chunks:
+            input_ids += chunk.token_ids
+            for pos in range(chunk.start, chunk.start + len(chunk.token_ids)):
                 positions.append(pos)
-                slots.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
-        if not prefills and self.graphs and len(decodes) <= max(self.graphs):
-            hidden = self._replay_graph(decodes, input_ids, positions, slots)
+                slots.append(chunk.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+        if num_decodes == len(chunks) and self.graphs and num_decodes <= max(self.graphs):
+            hidden = self._replay_graph(chunks, input_ids, positions, slots)
         else:
-            meta = self._metadata(decodes, prefills, slots)
+            meta = self._metadata(chunks, num_decodes, slots)
             hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
-        return self._logits(ordered, hidden)
+        return self._logits(step.chunks, order, hidden)
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
+    def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
-    def _metadata(self, decodes: list[ScheduledSeq], prefills: list[ScheduledSeq], slots: list[int]) -> AttentionMetadata:
-        meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decodes=len(decodes))
+    def _metadata(self, chunks: list[SeqChunk], num_decodes: int, slots: list[int]) -> AttentionMetadata:
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decodes=num_decodes)
+        decodes = chunks[:num_decodes]
         if decodes:
-            width = max(len(d.seq.block_table) for d in decodes)
-            tables = [d.seq.block_table + [self.num_blocks] * (width - len(d.seq.block_table)) for d in decodes]
-            meta.decode_block_tables = self._tensor(tables)
-            meta.decode_context_lens = self._tensor([d.seq.num_computed_tokens + 1 for d in decodes])
-        offset = len(decodes)
-        for item in prefills:
-            computed = item.seq.num_computed_tokens
-            table = self._tensor(item.seq.block_table) if computed else None
-            meta.prefills.append(PrefillChunk(offset, offset + item.num_new_tokens, computed + item.num_new_tokens, table))
-            offset += item.num_new_tokens
+            width = max(len(c.block_table) for c in decodes)
+            meta.decode_block_tables = self._tensor([c.block_table + [self.num_blocks] * (width - len(c.block_table)) for c in decodes])
+            meta.decode_context_lens = self._tensor([c.start + 1 for c in decodes])
+        offset = num_decodes
+        for chunk in chunks[num_decodes:]:
+            n = len(chunk.token_ids)
+            table = self._tensor(chunk.block_table) if chunk.start else None
+            meta.prefills.append(PrefillChunk(offset, offset + n, chunk.start + n, table))
+            offset += n
         return meta
 
-    def _logits(self, ordered: list[ScheduledSeq], hidden: torch.Tensor) -> StepLogits:
-        sample_rows, sampling, prompt_logits = [], [], {}
-        offset = 0
-        for item in ordered:
-            end = offset + item.num_new_tokens
-            seq = item.seq
-            if seq.request.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens - 1:
-                prompt_logits[seq] = (seq.num_computed_tokens, self.model.compute_logits(hidden[offset:end]).float())
-            if item.completes:
-                sample_rows.append(end - 1)
-                sampling.append(seq)
-            offset = end
+    def _logits(self, chunks: list[SeqChunk], order: list[int], hidden: torch.Tensor) -> StepLogits:
+        """Logits for the sampled rows (in chunk order) and for chunks that want prompt logits."""
+        offsets, offset = {}, 0
+        for i in order:
+            offsets[i] = offset
+            offset += len(chunks[i].token_ids)
+        sample_rows = [offsets[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.sample]
         rows = hidden[torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)]
-        return StepLogits(self.model.compute_logits(rows), sampling, prompt_logits)
+        prompt_logits = {
+            i: self.model.compute_logits(hidden[offsets[i] : offsets[i] + len(c.token_ids)]).float()
+            for i, c in enumerate(chunks)
+            if c.prompt_logits
+        }
+        return StepLogits(self.model.compute_logits(rows), prompt_logits)
 
     # CUDA graphs for decode-only steps
 
@@ -184,18 +198,18 @@ class ModelRunner:
         s["tables"][start:end] = self.num_blocks
         s["context_lens"][start:end] = 1
 
-    def _replay_graph(self, decodes: list[ScheduledSeq], input_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+    def _replay_graph(self, decodes: list[SeqChunk], input_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         n = len(decodes)
         b = min(size for size in self.graphs if size >= n)
         s = self._static
         tables = torch.full((n, self.max_blocks_per_seq), self.num_blocks, dtype=torch.long)
         for i, d in enumerate(decodes):
-            tables[i, : len(d.seq.block_table)] = torch.tensor(d.seq.block_table)
+            tables[i, : len(d.block_table)] = torch.tensor(d.block_table)
         s["input_ids"][:n].copy_(torch.tensor(input_ids), non_blocking=True)
         s["positions"][:n].copy_(torch.tensor(positions), non_blocking=True)
         s["slots"][:n].copy_(torch.tensor(slots), non_blocking=True)
         s["tables"][:n].copy_(tables, non_blocking=True)
-        s["context_lens"][:n].copy_(torch.tensor([d.seq.num_computed_tokens + 1 for d in decodes]), non_blocking=True)
+        s["context_lens"][:n].copy_(torch.tensor([d.start + 1 for d in decodes]), non_blocking=True)
         self._fill_padding(n, b)
         graph, out = self.graphs[b]
         graph.replay()
