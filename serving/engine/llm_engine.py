@@ -17,11 +17,18 @@ from serving.engine.sequence import CompletionOutput, Request, RequestOutput, Se
 from serving.errors import ContextLengthError, InvalidRequestError
 from serving.models.arch import ModelArch
 from serving.models.source import resolve_model
+from serving.parallel.tensor import SINGLE, TensorParallel
 from serving.tokenizer import Tokenizer
 
 
 class LLMEngine:
-    def __init__(self, config: LLMConfig) -> None:
+    """Scheduler, KV block bookkeeping and sampling around a model runner.
+
+    With `tp` set, this process is one rank of a tensor-parallel group in which every rank runs
+    the same engine in lockstep: the logits are gathered on all ranks, so all make the same choices.
+    """
+
+    def __init__(self, config: LLMConfig, tp: TensorParallel = SINGLE) -> None:
         self.config = config
         self.model_dir: Path = resolve_model(config.model.source)
         self.arch = ModelArch.from_folder(self.model_dir)
@@ -29,7 +36,7 @@ class LLMEngine:
         self.model_name = config.model.served_name or self.model_dir.name
         self.tokenizer = Tokenizer.from_folder(self.model_dir)
         started = time.monotonic()
-        self.runner = ModelRunner(self.model_dir, self.arch, config.model, config.engine, self.max_model_len)
+        self.runner = ModelRunner(self.model_dir, self.arch, config.model, config.engine, self.max_model_len, tp)
         self.load_seconds = time.monotonic() - started
         self.blocks = BlockManager(self.runner.num_blocks, config.engine.block_size, config.engine.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.engine)

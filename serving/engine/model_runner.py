@@ -16,6 +16,7 @@ from serving.models.arch import ModelArch
 from serving.models.attention import AttentionMetadata, PrefillChunk
 from serving.models.cpu_linear import onednn_available, pack_linears
 from serving.models.loader import load_model
+from serving.parallel.tensor import SINGLE, TensorParallel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -60,7 +61,15 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, folder: Path, arch: ModelArch, model_config: ModelConfig, engine_config: EngineConfig, max_model_len: int) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        arch: ModelArch,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        max_model_len: int,
+        tp: TensorParallel = SINGLE,
+    ) -> None:
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
         self.arch = arch
@@ -68,14 +77,15 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.block_size = engine_config.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
-        self.model = load_model(folder, arch, self.dtype, self.device, max_model_len)
+        self.num_kv_heads = tp.local_kv_heads(arch)
+        self.model = load_model(folder, arch, self.dtype, self.device, max_model_len, tp)
         if self.device.type == "cpu" and self.dtype == torch.float32 and onednn_available():
             if self.model.lm_head is None:  # the packed LM head is a second copy of the tied embedding
-                self.model.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+                self.model.lm_head = nn.Linear(*reversed(self.model.embed_tokens.weight.shape), bias=False)
                 self.model.lm_head.weight = self.model.embed_tokens.weight
             pack_linears(self.model)
         self.num_blocks = self._num_blocks(engine_config.kv_cache_memory_gb)
-        shape = (self.num_blocks + 1, self.block_size, arch.num_kv_heads, arch.head_dim)  # +1: scratch block
+        shape = (self.num_blocks + 1, self.block_size, self.num_kv_heads, arch.head_dim)  # +1: scratch block
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(arch.num_layers)
@@ -85,7 +95,7 @@ class ModelRunner:
             self._capture_graphs(engine_config.max_num_seqs)
 
     def _bytes_per_block(self) -> int:
-        per_token = 2 * self.arch.num_layers * self.arch.num_kv_heads * self.arch.head_dim * self.dtype.itemsize
+        per_token = 2 * self.arch.num_layers * self.num_kv_heads * self.arch.head_dim * self.dtype.itemsize
         return per_token * self.block_size
 
     def _num_blocks(self, budget_gb: float | None) -> int:

@@ -13,6 +13,7 @@ from torch import nn
 
 from serving.models.arch import ModelArch
 from serving.models.attention import AttentionMetadata, paged_attention
+from serving.parallel.tensor import SINGLE, TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -66,9 +67,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ModelArch) -> None:
+    """Self-attention over this rank's heads; o_proj's partial sums are all-reduced across the TP group."""
+
+    def __init__(self, arch: ModelArch, tp: TensorParallel) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.tp = tp
+        self.num_heads, self.num_kv_heads, self.head_dim = tp.local_heads(arch), tp.local_kv_heads(arch), arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
@@ -88,27 +92,29 @@ class Attention(nn.Module):
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(t, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: ModelArch) -> None:
+    def __init__(self, arch: ModelArch, tp: TensorParallel) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.tp = tp
+        width = arch.intermediate_size // tp.size
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * width, bias=False)
+        self.down_proj = nn.Linear(width, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch) -> None:
+    def __init__(self, arch: ModelArch, tp: TensorParallel) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = Attention(arch)
+        self.self_attn = Attention(arch, tp)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = MLP(arch)
+        self.mlp = MLP(arch, tp)
 
     def forward(self, x, rope, kv_cache, meta) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
@@ -116,13 +122,18 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, arch: ModelArch, max_positions: int) -> None:
+    """The whole decoder, or one tensor-parallel rank's shard of it (vocabulary split by rows)."""
+
+    def __init__(self, arch: ModelArch, max_positions: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.arch = arch
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.tp = tp
+        self.vocab_start, vocab_end = tp.vocab_range(arch)
+        local_vocab = vocab_end - self.vocab_start
+        self.embed_tokens = nn.Embedding(local_vocab, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, tp) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, local_vocab, bias=False)
         self.rotary = RotaryEmbedding(arch, max_positions)
 
     def forward(
@@ -133,14 +144,25 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] of a flattened token batch."""
-        x = self.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         rope = self.rotary(positions, x.dtype)
         meta.prepare_decode_mask(kv_caches[0][0].shape[1])
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, rope, kv_cache, meta)
         return self.norm(x)
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self.embed_tokens(input_ids)
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.embed_tokens.num_embeddings)
+        x = self.embed_tokens(local.clamp(0, self.embed_tokens.num_embeddings - 1)) * mine[:, None].to(self.embed_tokens.weight.dtype)
+        return self.tp.all_reduce(x)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (gathered from every TP rank)."""
         if self.lm_head is None:  # tied to the input embedding
-            return F.linear(hidden, self.embed_tokens.weight)
-        return self.lm_head(hidden)
+            local = F.linear(hidden, self.embed_tokens.weight)
+        else:
+            local = self.lm_head(hidden)
+        return self.tp.gather_vocab(local, self.arch)

@@ -16,6 +16,7 @@ from serving.errors import ModelSourceError
 from serving.models.arch import ModelArch
 from serving.models.llama import LlamaForCausalLM, RotaryEmbedding
 from serving.models.safetensors_reader import SafetensorsFile
+from serving.parallel.tensor import SINGLE, TensorParallel
 
 _FUSED = {  # checkpoint projection -> (fused parameter, index of its slice)
     "q_proj": ("qkv_proj", 0),
@@ -40,9 +41,13 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_model(folder: Path, arch: ModelArch, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+def load_model(
+    folder: Path, arch: ModelArch, dtype: torch.dtype, device: torch.device, max_positions: int, tp: TensorParallel = SINGLE
+) -> LlamaForCausalLM:
+    """The model (this rank's shard of it under tensor parallelism), weights read from `folder`."""
+    tp.check(arch)
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch, max_positions).to(dtype)
+        model = LlamaForCausalLM(arch, max_positions, tp).to(dtype)
     model.to_empty(device=device)
     model.rotary = RotaryEmbedding(arch, max_positions).to(device)
     params = dict(model.named_parameters())
@@ -54,7 +59,7 @@ def load_model(folder: Path, arch: ModelArch, dtype: torch.dtype, device: torch.
             reader = SafetensorsFile(path)
             with open(path, "rb") as f:
                 for ckpt_name in reader.keys():
-                    slot = _copy_tensor(model, params, arch, ckpt_name, reader, f)
+                    slot = _copy_tensor(model, params, arch, tp, ckpt_name, reader, f)
                     if slot is not None:
                         loaded.add(slot)
                         bar.update(1)
@@ -76,33 +81,65 @@ def _slot_key(param_name: str, shard: int | None) -> str:
     return param_name if shard is None else f"{param_name}#{shard}"
 
 
-def _copy_tensor(model: LlamaForCausalLM, params: dict, arch: ModelArch, ckpt_name: str, reader: SafetensorsFile, f) -> str | None:
-    """Copy one checkpoint tensor into its (slice of a) parameter; returns the slot it filled."""
+def _copy_tensor(
+    model: LlamaForCausalLM, params: dict, arch: ModelArch, tp: TensorParallel, ckpt_name: str, reader: SafetensorsFile, f
+) -> str | None:
+    """Copy this rank's slice of one checkpoint tensor into its (slice of a) parameter; returns the slot it filled."""
     if _IGNORED.search(ckpt_name):
         return None
     name = ckpt_name.removeprefix("model.")
     if name == "lm_head.weight" and model.lm_head is None:
         return None  # tied embeddings: some checkpoints store the copy anyway
     parts = name.split(".")
+    projection = parts[-2] if len(parts) >= 2 else ""
     shard = None
-    if len(parts) >= 2 and parts[-2] in _FUSED:
-        fused, shard = _FUSED[parts[-2]]
-        parts[-2] = fused
+    if projection in _FUSED:
+        parts[-2], shard = _FUSED[projection]
     param_name = ".".join(parts)
     param = params.get(param_name)
     if param is None:
         raise ModelSourceError(f"checkpoint tensor {ckpt_name!r} has no place in {arch.architecture}")
-    target = param.data if shard is None else param.data.narrow(0, *_shard_range(arch, param_name, shard))
-    if tuple(target.shape) != reader.shape(ckpt_name):
-        raise ModelSourceError(f"{ckpt_name}: shape {reader.shape(ckpt_name)} does not match the config's {tuple(target.shape)}")
-    reader.read_into(ckpt_name, target, f)
+    target = param.data if shard is None else param.data.narrow(0, *_fused_rows(arch, tp, param_name, shard))
+    source = _source_slice(arch, tp, name, projection)
+    expected = list(reader.shape(ckpt_name))
+    if source is not None:
+        expected[source[0]] = source[2]
+    if tuple(target.shape) != tuple(expected):
+        raise ModelSourceError(f"{ckpt_name}: shape {reader.shape(ckpt_name)} does not fit the config's {tuple(target.shape)}")
+    reader.read_into(ckpt_name, target, f, source)
     return _slot_key(param_name, shard)
 
 
-def _shard_range(arch: ModelArch, param_name: str, shard: int) -> tuple[int, int]:
-    """(row offset, row count) of one projection inside a fused parameter."""
+def _fused_rows(arch: ModelArch, tp: TensorParallel, param_name: str, shard: int) -> tuple[int, int]:
+    """(row offset, row count) of one projection inside this rank's fused parameter."""
     if "qkv_proj" in param_name:
-        q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        q, kv = tp.local_heads(arch) * arch.head_dim, tp.local_kv_heads(arch) * arch.head_dim
         return [(0, q), (q, kv), (q + kv, kv)][shard]
-    size = arch.intermediate_size
+    size = arch.intermediate_size // tp.size
     return (shard * size, size)
+
+
+def _source_slice(arch: ModelArch, tp: TensorParallel, name: str, projection: str) -> tuple[int, int, int] | None:
+    """(dim, start, length) of this rank's part of a checkpoint tensor, or None for all of it."""
+    if tp.size == 1:
+        return None
+    d, r = arch.head_dim, tp.rank
+    if projection == "q_proj":
+        heads = tp.local_heads(arch)
+        return (0, r * heads * d, heads * d)
+    if projection in ("k_proj", "v_proj"):
+        heads = tp.local_kv_heads(arch)
+        return (0, tp.first_kv_head(arch) * d, heads * d)
+    if projection in ("gate_proj", "up_proj"):
+        size = arch.intermediate_size // tp.size
+        return (0, r * size, size)
+    if projection == "o_proj" and name.endswith("weight"):
+        heads = tp.local_heads(arch)
+        return (1, r * heads * d, heads * d)
+    if projection == "down_proj":
+        size = arch.intermediate_size // tp.size
+        return (1, r * size, size)
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        start, end = tp.vocab_range(arch)
+        return (0, start, end - start)
+    return None  # norms: every rank holds all of them

@@ -39,17 +39,27 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def read_into(self, name: str, target: torch.Tensor, f) -> None:
-        """Fill `target` (same shape, any dtype/device) with tensor `name`, reading from open file `f`."""
+    def read_into(self, name: str, target: torch.Tensor, f, part: tuple[int, int, int] | None = None) -> None:
+        """Fill `target` (any dtype/device) with tensor `name`, or with its slice `part` = (dim, start, length).
+
+        Row slices (dim 0) read only their bytes; other slices read the whole tensor first.
+        """
         entry = self.entries[name]
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
             raise ModelSourceError(f"{self.path.name}: tensor {name} has unsupported dtype {entry['dtype']}")
+        shape = list(self.shape(name))
         start, end = entry["data_offsets"]
+        if part is not None and part[0] == 0:
+            row_bytes = (end - start) // max(shape[0], 1)
+            start, end = start + part[1] * row_bytes, start + (part[1] + part[2]) * row_bytes
+            shape[0] = part[2]
+            part = None
         f.seek(self.data_start + start)
-        direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+        direct = part is None and target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
         buffer = target.view(torch.uint8).view(-1) if direct else torch.empty(end - start, dtype=torch.uint8)
         if f.readinto(memoryview(buffer.numpy())) != end - start:
             raise ModelSourceError(f"{self.path.name}: tensor {name} is truncated")
         if not direct:
-            target.copy_(buffer.view(dtype).view(self.shape(name)))
+            tensor = buffer.view(dtype).view(shape)
+            target.copy_(tensor if part is None else tensor.narrow(*part))
