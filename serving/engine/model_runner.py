@@ -16,6 +16,7 @@ from serving.models.arch import ModelArch
 from serving.models.attention import AttentionMetadata, PrefillChunk
 from serving.models.cpu_linear import onednn_available, pack_linears
 from serving.models.loader import load_model
+from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
 from serving.parallel.tensor import SINGLE, TensorParallel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,6 +70,7 @@ class ModelRunner:
         engine_config: EngineConfig,
         max_model_len: int,
         tp: TensorParallel = SINGLE,
+        stage: PipelineStage = SINGLE_STAGE,
     ) -> None:
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
@@ -78,9 +80,10 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.num_kv_heads = tp.local_kv_heads(arch)
-        self.model = load_model(folder, arch, self.dtype, self.device, max_model_len, tp)
+        self.stage = stage
+        self.model = load_model(folder, arch, self.dtype, self.device, max_model_len, tp, stage)
         if self.device.type == "cpu" and self.dtype == torch.float32 and onednn_available():
-            if self.model.lm_head is None:  # the packed LM head is a second copy of the tied embedding
+            if stage.is_last and self.model.lm_head is None:  # the packed LM head is a second copy of the tied embedding
                 self.model.lm_head = nn.Linear(*reversed(self.model.embed_tokens.weight.shape), bias=False)
                 self.model.lm_head.weight = self.model.embed_tokens.weight
             pack_linears(self.model)
@@ -88,14 +91,14 @@ class ModelRunner:
         shape = (self.num_blocks + 1, self.block_size, self.num_kv_heads, arch.head_dim)  # +1: scratch block
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(arch.num_layers)
+            for _ in self.model.layers
         ]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if self.device.type == "cuda" and not engine_config.enforce_eager:
+        if self.device.type == "cuda" and not engine_config.enforce_eager and stage.size == 1:
             self._capture_graphs(engine_config.max_num_seqs)
 
     def _bytes_per_block(self) -> int:
-        per_token = 2 * self.arch.num_layers * self.num_kv_heads * self.arch.head_dim * self.dtype.itemsize
+        per_token = 2 * len(self.model.layers) * self.num_kv_heads * self.arch.head_dim * self.dtype.itemsize
         return per_token * self.block_size
 
     def _num_blocks(self, budget_gb: float | None) -> int:
@@ -115,7 +118,8 @@ class ModelRunner:
         return num_blocks
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> StepLogits:
+    def execute(self, step: StepInput) -> StepLogits | None:
+        """Run this rank's part of the step; logits come back from the last pipeline stage only."""
         for src, dst in step.block_copies:
             for k_cache, v_cache in self.kv_caches:
                 k_cache[dst].copy_(k_cache[src])
@@ -134,7 +138,13 @@ class ModelRunner:
             hidden = self._replay_graph(chunks, input_ids, positions, slots)
         else:
             meta = self._metadata(chunks, num_decodes, slots)
-            hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
+            received = None
+            if not self.stage.is_first:
+                received = self.stage.receive(torch.empty(len(input_ids), self.arch.hidden_size, dtype=self.dtype, device=self.device))
+            hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta, received)
+            if not self.stage.is_last:
+                self.stage.send(hidden)
+                return None
         return self._logits(step.chunks, order, hidden)
 
     def _tensor(self, values: list) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 
 from serving.models.arch import ModelArch
 from serving.models.attention import AttentionMetadata, paged_attention
+from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
 from serving.parallel.tensor import SINGLE, TensorParallel
 
 
@@ -122,18 +123,24 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """The whole decoder, or one tensor-parallel rank's shard of it (vocabulary split by rows)."""
+    """The decoder, or one rank's part of it: a tensor-parallel shard (vocabulary split by rows)
+    of one pipeline stage's layers. Only the first stage embeds, only the last normalises and
+    produces logits (a tied last stage holds the embedding for its LM head)."""
 
-    def __init__(self, arch: ModelArch, max_positions: int, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, arch: ModelArch, max_positions: int, tp: TensorParallel = SINGLE, stage: PipelineStage = SINGLE_STAGE) -> None:
         super().__init__()
         self.arch = arch
         self.tp = tp
+        self.stage = stage
+        self.first_layer, last_layer = stage.layer_range(arch.num_layers)
         self.vocab_start, vocab_end = tp.vocab_range(arch)
         local_vocab = vocab_end - self.vocab_start
-        self.embed_tokens = nn.Embedding(local_vocab, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, tp) for _ in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, local_vocab, bias=False)
+        needs_embedding = stage.is_first or (stage.is_last and arch.tie_word_embeddings)
+        self.embed_tokens = nn.Embedding(local_vocab, arch.hidden_size) if needs_embedding else None
+        self.layers = nn.ModuleList(DecoderLayer(arch, tp) for _ in range(self.first_layer, last_layer))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps) if stage.is_last else None
+        has_own_head = stage.is_last and not arch.tie_word_embeddings
+        self.lm_head = nn.Linear(arch.hidden_size, local_vocab, bias=False) if has_own_head else None
         self.rotary = RotaryEmbedding(arch, max_positions)
 
     def forward(
@@ -142,14 +149,18 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states [T, hidden] of a flattened token batch."""
-        x = self._embed(input_ids)
+        """Hidden states [T, hidden] after this stage's layers (normalised on the last stage).
+
+        The first stage starts from `input_ids`; later stages from the previous stage's `hidden`.
+        """
+        x = self._embed(input_ids) if hidden is None else hidden
         rope = self.rotary(positions, x.dtype)
         meta.prepare_decode_mask(kv_caches[0][0].shape[1])
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -161,7 +172,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (gathered from every TP rank)."""
-        if self.lm_head is None:  # tied to the input embedding
+        if self.lm_head is None:  # tied to the input embedding (held by this, the last stage)
             local = F.linear(hidden, self.embed_tokens.weight)
         else:
             local = self.lm_head(hidden)

@@ -16,6 +16,7 @@ from serving.errors import ModelSourceError
 from serving.models.arch import ModelArch
 from serving.models.llama import LlamaForCausalLM, RotaryEmbedding
 from serving.models.safetensors_reader import SafetensorsFile
+from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
 from serving.parallel.tensor import SINGLE, TensorParallel
 
 _FUSED = {  # checkpoint projection -> (fused parameter, index of its slice)
@@ -42,12 +43,19 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def load_model(
-    folder: Path, arch: ModelArch, dtype: torch.dtype, device: torch.device, max_positions: int, tp: TensorParallel = SINGLE
+    folder: Path,
+    arch: ModelArch,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    tp: TensorParallel = SINGLE,
+    stage: PipelineStage = SINGLE_STAGE,
 ) -> LlamaForCausalLM:
-    """The model (this rank's shard of it under tensor parallelism), weights read from `folder`."""
+    """The model, or this rank's part of it (TP shard of a pipeline stage), weights read from `folder`."""
     tp.check(arch)
+    stage.check(arch)
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch, max_positions, tp).to(dtype)
+        model = LlamaForCausalLM(arch, max_positions, tp, stage).to(dtype)
     model.to_empty(device=device)
     model.rotary = RotaryEmbedding(arch, max_positions).to(device)
     params = dict(model.named_parameters())
@@ -89,8 +97,15 @@ def _copy_tensor(
         return None
     name = ckpt_name.removeprefix("model.")
     if name == "lm_head.weight" and model.lm_head is None:
-        return None  # tied embeddings: some checkpoints store the copy anyway
+        return None  # tied embeddings (some checkpoints store the copy anyway), or not the last stage
     parts = name.split(".")
+    if parts[0] == "layers":  # stage-local layer index; other stages' layers are not ours
+        local = int(parts[1]) - model.first_layer
+        if not 0 <= local < len(model.layers):
+            return None
+        parts[1] = str(local)
+    elif (parts[0] == "embed_tokens" and model.embed_tokens is None) or (parts[0] == "norm" and model.norm is None):
+        return None
     projection = parts[-2] if len(parts) >= 2 else ""
     shard = None
     if projection in _FUSED:

@@ -1,0 +1,64 @@
+"""Drives a group of Worker actors as if they were one model runner.
+
+Every step's StepInput goes to every rank (Ray preserves each actor's call order, so ranks see
+steps in the same order); the last stage's first TP rank returns the logits.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+import torch
+
+from cluster.placement import PlacementError, place_workers
+from serving.config import LLMConfig
+from serving.engine.model_runner import StepInput, StepLogits
+from serving.errors import EngineDeadError
+from serving.models.arch import ModelArch
+from serving.parallel.pipeline import PipelineStage
+from serving.parallel.tensor import InvalidLayoutError, TensorParallel
+from serving.parallel.worker import Worker
+
+
+class RayExecutor:
+    device = torch.device("cpu")  # where the driver samples
+
+    def __init__(self, folder: Path, arch: ModelArch, config: LLMConfig, max_model_len: int) -> None:
+        parallel = config.parallel
+        tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+        TensorParallel(tp).check(arch)  # refuse a bad layout before any worker starts
+        PipelineStage(pp).check(arch)
+        on_gpu = config.model.device == "cuda" or (config.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        per_worker = {"GPU": 1.0} if on_gpu else {"CPU": 1.0}
+        try:
+            self.placement = place_workers(tp, pp, per_worker, parallel.placement_timeout_s)
+        except PlacementError as error:
+            raise InvalidLayoutError(str(error)) from None
+        actor = ray.remote(Worker)
+        self.workers = [
+            actor.options(scheduling_strategy=strategy, num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0).remote()
+            for strategy in self.placement.strategies
+        ]
+        address = ray.get(self.workers[0].rendezvous_address.remote())
+        blocks = ray.get([w.setup.remote(str(folder), config, max_model_len, rank, address) for rank, w in enumerate(self.workers)])
+        self.num_blocks = min(blocks)  # stages with more layers fit fewer blocks in the same budget
+        self.logits_rank = (pp - 1) * tp
+
+    def execute(self, step: StepInput) -> StepLogits:
+        refs = [worker.execute.remote(step) for worker in self.workers]
+        try:
+            return ray.get(refs)[self.logits_rank]
+        except ray.exceptions.RayActorError as error:
+            raise EngineDeadError(f"a model worker died: {error}") from error
+
+    def peak_memory_bytes(self) -> list[int]:
+        return ray.get([w.peak_memory_bytes.remote() for w in self.workers])
+
+    def node_ids(self) -> list[str]:
+        """The Ray node of each rank."""
+        return list(self.placement.node_ids)
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.placement.release()

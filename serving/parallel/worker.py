@@ -1,0 +1,67 @@
+"""One rank of a parallel replica: a model shard and its KV cache, run as a Ray actor."""
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from serving.config import LLMConfig
+from serving.engine.model_runner import ModelRunner, StepInput, StepLogits
+from serving.models.arch import ModelArch
+from serving.parallel.pipeline import PipelineStage
+from serving.parallel.tensor import TensorParallel
+
+
+class Worker:
+    """Global rank r holds TP rank r % tp of pipeline stage r // tp."""
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a free port on it, for the group's TCP rendezvous (asked of rank 0)."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
+
+    def setup(self, folder: str, config: LLMConfig, max_model_len: int, rank: int, address: tuple[str, int]) -> int:
+        """Join the process group, load this rank's shard; returns how many KV blocks it holds."""
+        tp_size, pp_size = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
+        device_is_cuda = config.model.device == "cuda" or (config.model.device == "auto" and torch.cuda.is_available())
+        dist.init_process_group(
+            "nccl" if device_is_cuda else "gloo",
+            init_method=f"tcp://{address[0]}:{address[1]}",
+            rank=rank,
+            world_size=tp_size * pp_size,
+            timeout=timedelta(seconds=120),
+        )
+        # every rank must create every group, in the same order
+        groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
+        stage_rank, tp_rank = divmod(rank, tp_size)
+        tp = TensorParallel(tp_size, tp_rank, groups[stage_rank])
+        stage = PipelineStage(
+            pp_size,
+            stage_rank,
+            prev_rank=rank - tp_size if stage_rank > 0 else None,
+            next_rank=rank + tp_size if stage_rank < pp_size - 1 else None,
+        )
+        self.runner = ModelRunner(Path(folder), ModelArch.from_folder(Path(folder)), config.model, config.engine, max_model_len, tp, stage)
+        self.returns_logits = stage.is_last and tp_rank == 0
+        return self.runner.num_blocks
+
+    def execute(self, step: StepInput) -> StepLogits | None:
+        logits = self.runner.execute(step)
+        if not self.returns_logits:
+            return None
+        return StepLogits(logits.sample_logits.cpu(), {i: rows.cpu() for i, rows in logits.prompt_logits.items()})
+
+    def peak_memory_bytes(self) -> int:
+        """Peak resident memory of this worker process (CPU) or allocated device memory (CUDA)."""
+        if self.runner.device.type == "cuda":
+            return torch.cuda.max_memory_allocated()
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,79 @@
+"""Tensor and pipeline parallelism on Ray worker actors across a multi-node Ray cluster.
+
+The cluster is real: a head and two worker nodes, each its own raylet with its own resources,
+started by the test. Outputs must equal the single-worker engine's.
+"""
+from __future__ import annotations
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from serving.config import EngineConfig, LLMConfig, ModelConfig, ParallelConfig
+from serving.engine.llm import LLM
+from serving.engine.sampling_params import SamplingParams
+from serving.parallel.tensor import InvalidLayoutError
+
+PROMPTS = ["The capital of France is", "1, 2, 3,", "Tokyo 東京 🎌 and", "def f(x):"]
+PARAMS = SamplingParams(max_tokens=8, temperature=0, logprobs=5, prompt_logprobs=3, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _config(folder, tp: int, pp: int, **engine) -> LLMConfig:
+    return LLMConfig(
+        model=ModelConfig(source=str(folder), max_model_len=256),
+        engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.01, **engine),
+        parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, placement_timeout_s=10),
+    )
+
+
+def _summary(outputs):
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for o in outputs]
+
+
+def _max_difference(a, b) -> float:
+    diffs = [0.0]
+    for (_, lp_a, plp_a), (_, lp_b, plp_b) in zip(a, b):
+        for x, y in zip(lp_a + [e for e in plp_a if e], lp_b + [e for e in plp_b if e]):
+            diffs += [abs(x[0] - y[0])] + [abs(v - y[1][t]) for t, v in x[1].items() if t in y[1]]
+    return max(diffs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
+def test_parallel_layouts_match_single_worker(cluster, tiny_model, tp, pp):
+    reference = _summary(LLM(config=_config(tiny_model, 1, 1)).generate(PROMPTS, PARAMS, use_tqdm=False))
+    llm = LLM(config=_config(tiny_model, tp, pp, max_num_batched_tokens=16))
+    try:
+        outputs = _summary(llm.generate(PROMPTS, PARAMS, use_tqdm=False))
+        nodes = llm.engine.runner.node_ids()
+        stage_nodes = [nodes[s * tp] for s in range(pp)]
+        assert all(nodes[s * tp + r] == stage_nodes[s] for s in range(pp) for r in range(tp))  # a TP group shares a node
+        assert len(set(stage_nodes)) == pp  # stages on different nodes
+    finally:
+        llm.engine.runner.shutdown()
+    assert [o[0] for o in outputs] == [r[0] for r in reference]
+    assert _max_difference(outputs, reference) < 1e-4
+
+
+@pytest.mark.slow
+def test_layouts_the_cluster_can_never_hold_fail_fast(cluster, tiny_model, default_model):
+    with pytest.raises(InvalidLayoutError, match="no node can hold a tensor-parallel group of 4"):
+        LLM(config=_config(tiny_model, 4, 1))
+    with pytest.raises(InvalidLayoutError, match="exceed the whole cluster"):
+        LLM(config=_config(tiny_model, 2, 3))
+    with pytest.raises(InvalidLayoutError, match="9 attention heads"):
+        LLM(config=_config(default_model, 2, 1))
+    with pytest.raises(InvalidLayoutError, match="pipeline stages for a model of only 3 layers"):
+        LLM(config=_config(tiny_model, 1, 5))
