@@ -53,11 +53,69 @@ class EngineConfig(_Strict):
         return self
 
 
+class ParallelConfig(_Strict):
+    """How one replica's model is split over workers (Ray actors talking torch.distributed)."""
+
+    tensor_parallel: int = Field(1, ge=1, description="Workers per pipeline stage, each holding a slice of every layer; kept on one node.")
+    pipeline_parallel: int = Field(1, ge=1, description="Pipeline stages, each a run of consecutive layers; spread over nodes when there are several.")
+    placement_timeout_s: float = Field(
+        60.0, gt=0, description="How long to wait for the cluster to free room for the workers before giving up."
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
+
+
+class LimitsConfig(_Strict):
+    """Per-request limits the API enforces before any work is queued."""
+
+    max_body_bytes: int = Field(2 * 2**20, gt=0, description="Largest request body in bytes; larger ones get 413.")
+    max_n: int = Field(16, gt=0, description="Most completions (n) one request may ask for.")
+
+
+class ServerConfig(_Strict):
+    """The OpenAI-compatible HTTP API and its Ray Serve deployments."""
+
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on; 0.0.0.0 opens it to the network.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the API.")
+    app_name: str = Field("llm", min_length=1, description="Name of the Ray Serve application.")
+    min_replicas: int = Field(1, ge=1, description="LLM replicas (one engine each) to start with and keep at least.")
+    max_replicas: int = Field(
+        1, ge=1, description="Upper bound of LLM replicas; above min_replicas Serve scales on ongoing requests."
+    )
+    max_ongoing_requests: int = Field(
+        128, gt=0, description="Requests one LLM replica holds at once (running plus waiting in its engine)."
+    )
+    max_queued_requests: int = Field(
+        256, ge=0, description="Requests each API replica queues while all LLM replicas are full; beyond it 503."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 when the queue is full.")
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds an engine may have work without progress before it counts as unhealthy."
+    )
+    limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ServerConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        return self
+
+    @property
+    def url(self) -> str:
+        """Where a client on this machine reaches the API."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
 class LLMConfig(_Strict):
-    """Everything one engine needs."""
+    """Everything one engine needs, and how to serve it."""
 
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    server: ServerConfig = ServerConfig()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "LLMConfig":
