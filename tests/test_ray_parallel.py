@@ -77,3 +77,21 @@ def test_layouts_the_cluster_can_never_hold_fail_fast(cluster, tiny_model, defau
         LLM(config=_config(default_model, 2, 1))
     with pytest.raises(InvalidLayoutError, match="pipeline stages for a model of only 3 layers"):
         LLM(config=_config(tiny_model, 1, 5))
+
+
+@pytest.mark.slow
+def test_pipeline_keeps_several_steps_in_flight(cluster, tiny_model):
+    llm = LLM(config=_config(tiny_model, 1, 2, max_num_seqs=8))
+    engine = llm.engine
+    try:
+        for i in range(8):
+            engine.add_request(str(i), f"request {i}", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        deepest, finished = 0, {}
+        while engine.has_unfinished_requests():
+            finished |= {o.request_id: o for o in engine.step() if o.finished}
+            deepest = max(deepest, len(engine.in_flight) + 1)
+        assert deepest == 2 and len(finished) == 8
+        reference = LLM(config=_config(tiny_model, 1, 1)).generate([f"request {i}" for i in range(8)], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert [finished[str(i)].outputs[0].token_ids for i in range(8)] == [o.outputs[0].token_ids for o in reference]
+    finally:
+        engine.runner.shutdown()

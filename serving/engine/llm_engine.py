@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.model_runner import ModelRunner, SeqChunk, StepInput
 from serving.engine.sampler import sample, top_logprobs
 from serving.engine.sampling_params import SamplingParams
-from serving.engine.scheduler import ScheduledSeq, Scheduler
+from serving.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from serving.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
 from serving.errors import ContextLengthError, InvalidRequestError
 from serving.models.arch import ModelArch
@@ -44,8 +45,10 @@ class LLMEngine:
             self.runner = ModelRunner(self.model_dir, self.arch, config.model, config.engine, self.max_model_len, tp)
         self.load_seconds = time.monotonic() - started
         self.blocks = BlockManager(self.runner.num_blocks, config.engine.block_size, config.engine.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.engine)
+        self.scheduler = Scheduler(self.blocks, config.engine, config.parallel.pipeline_parallel)
         self.requests: dict[str, Request] = {}
+        self.pipeline_depth = config.parallel.pipeline_parallel
+        self.in_flight: deque[tuple[SchedulerOutput, list[SeqChunk], object]] = deque()
 
     def _max_model_len(self) -> int:
         limit = self.arch.max_position_embeddings
@@ -115,18 +118,31 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; returns an output for each request that advanced."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled.scheduled:
+        """Launch steps until the pipeline is full, then land the oldest; returns its outputs.
+
+        A single worker (or tensor parallelism alone) has a pipeline one step deep. With P
+        pipeline stages up to P steps are in flight, over disjoint sets of sequences.
+        """
+        while len(self.in_flight) < self.pipeline_depth:
+            scheduled = self.scheduler.schedule()
+            if not scheduled.scheduled:
+                break
+            chunks = [self._chunk(item) for item in scheduled.scheduled]
+            handle = self.runner.submit(StepInput(chunks, scheduled.block_copies))
+            self.scheduler.launched(scheduled)
+            self.in_flight.append((scheduled, chunks, handle))
+        if not self.in_flight:
             return []
-        chunks = [self._chunk(item) for item in scheduled.scheduled]
-        logits = self.runner.execute(StepInput(chunks, scheduled.block_copies))
-        self.scheduler.step_done(scheduled)
+        scheduled, chunks, handle = self.in_flight.popleft()
+        logits = self.runner.collect(handle)
+        self.scheduler.landed(scheduled)
         for i, rows in logits.prompt_logits.items():
             self._record_prompt_logprobs(scheduled.scheduled[i].seq, chunks[i].start, rows)
-        sampling = [item.seq for item, chunk in zip(scheduled.scheduled, chunks) if chunk.sample]
+        sampled = [item.seq for item, chunk in zip(scheduled.scheduled, chunks) if chunk.sample]
+        keep = [k for k, seq in enumerate(sampled) if not seq.is_finished]  # not aborted while in flight
+        sampling, sample_logits = [sampled[k] for k in keep], logits.sample_logits[keep]
         touched: dict[str, Request] = {}
-        for seq, token, logprob in self._sample(sampling, logits.sample_logits):
+        for seq, token, logprob in self._sample(sampling, sample_logits):
             self._append_token(seq, token, logprob)
             touched[seq.request.request_id] = seq.request
         outputs = []

@@ -117,6 +117,13 @@ class ModelRunner:
             )
         return num_blocks
 
+    def submit(self, step: StepInput) -> StepLogits | None:
+        """Executors launch a step and collect it later; a local runner just runs it now."""
+        return self.execute(step)
+
+    def collect(self, handle: StepLogits | None) -> StepLogits | None:
+        return handle
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepLogits | None:
         """Run this rank's part of the step; logits come back from the last pipeline stage only."""

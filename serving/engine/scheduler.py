@@ -38,9 +38,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, config: EngineConfig) -> None:
+    def __init__(self, blocks: BlockManager, config: EngineConfig, pipeline_depth: int = 1) -> None:
         self.blocks = blocks
         self.config = config
+        # with P pipeline stages, each step takes at most 1/P of the sequences, so that P
+        # steps over disjoint sequences can be in flight at once
+        self.max_seqs_per_step = max(1, config.max_num_seqs // pipeline_depth)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.pending_copies: list[tuple[int, int]] = []
@@ -57,13 +60,32 @@ class Scheduler:
             self.pending_copies.append(copy)
 
     def finish(self, seq: Sequence) -> None:
-        """Take a sequence out of the queues and free its blocks (finished or aborted)."""
+        """Take a sequence out of the queues and free its blocks (finished or aborted).
+
+        A sequence still in the pipeline keeps its blocks until its step lands (`landed`):
+        the step is still writing into them.
+        """
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
-        self.blocks.free(seq)
+        if not seq.in_flight:
+            self.blocks.free(seq)
+
+    def launched(self, output: SchedulerOutput) -> None:
+        """The step is on its way: its sequences wait for it, and their KV counts as computed."""
+        for item in output.scheduled:
+            item.seq.in_flight = True
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.blocks.register_computed(item.seq)
+
+    def landed(self, output: SchedulerOutput) -> None:
+        """The step's results are back: its sequences can be scheduled (or freed) again."""
+        for item in output.scheduled:
+            item.seq.in_flight = False
+            if item.seq.status is SeqStatus.FINISHED:
+                self.blocks.free(item.seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -73,22 +95,36 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(scheduled) < self.max_seqs_per_step:
             seq = self.running[i]
+            if seq.in_flight:  # its previous step is still in the pipeline
+                i += 1
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
-            while not self.blocks.allocate_slots(seq, n):
-                victim = self.running.pop()
+            allocated = self.blocks.allocate_slots(seq, n)
+            while not allocated:
+                victim = next((s for s in reversed(self.running) if not s.in_flight), None)
+                if victim is None:
+                    break  # every other sequence is in flight: wait for a step to land
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
-            if seq.status is not SeqStatus.RUNNING:
+                allocated = self.blocks.allocate_slots(seq, n)
+            if not allocated:
                 break
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
         waiting_on_prefix: list[Sequence] = []
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+        while (
+            self.waiting
+            and budget > 0
+            and not preempted
+            and len(self.running) < self.config.max_num_seqs
+            and len(scheduled) < self.max_seqs_per_step
+        ):
             seq = self.waiting.popleft()
             if not seq.block_table and not self.blocks.match_prefix(seq):
                 waiting_on_prefix.append(seq)  # its next prompt block is being computed right now
@@ -114,12 +150,6 @@ class Scheduler:
         self.waiting.extendleft(reversed(waiting_on_prefix))
         copies, self.pending_copies = self.pending_copies, []
         return SchedulerOutput(scheduled, copies)
-
-    def step_done(self, output: SchedulerOutput) -> None:
-        """Advance each scheduled sequence past the tokens the step computed."""
-        for item in output.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.blocks.register_computed(item.seq)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it will recompute its prompt and output so far."""

@@ -44,8 +44,11 @@ class RayExecutor:
         self.num_blocks = min(blocks)  # stages with more layers fit fewer blocks in the same budget
         self.logits_rank = (pp - 1) * tp
 
-    def execute(self, step: StepInput) -> StepLogits:
-        refs = [worker.execute.remote(step) for worker in self.workers]
+    def submit(self, step: StepInput) -> list[ray.ObjectRef]:
+        """Send the step to every rank; with pipeline stages, several steps can be on their way."""
+        return [worker.execute.remote(step) for worker in self.workers]
+
+    def collect(self, refs: list[ray.ObjectRef]) -> StepLogits:
         try:
             return ray.get(refs)[self.logits_rank]
         except ray.exceptions.RayActorError as error:
