@@ -22,7 +22,7 @@ PARAMS = SamplingParams(max_tokens=8, temperature=0, logprobs=5, prompt_logprobs
 def cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for _ in range(2):
-        cluster.add_node(num_cpus=2)
+        cluster.add_node(num_cpus=3)
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
     yield cluster
@@ -68,11 +68,29 @@ def test_parallel_layouts_match_single_worker(cluster, tiny_model, tp, pp):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tp, pp", [(3, 1), (1, 2)], ids=["tp3", "pp2"])
+def test_default_model_parallel_matches_single_worker(cluster, default_model, tp, pp):
+    config = LLMConfig(
+        model=ModelConfig(source=str(default_model), max_model_len=128),
+        engine=EngineConfig(kv_cache_memory_gb=0.05),
+        parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp),
+    )
+    reference = _summary(LLM(config=config.model_copy(update={"parallel": ParallelConfig()})).generate(PROMPTS, PARAMS, use_tqdm=False))
+    llm = LLM(config=config)
+    try:
+        outputs = _summary(llm.generate(PROMPTS, PARAMS, use_tqdm=False))
+    finally:
+        llm.engine.runner.shutdown()
+    assert [o[0] for o in outputs] == [r[0] for r in reference]
+    assert _max_difference(outputs, reference) < 1e-4
+
+
+@pytest.mark.slow
 def test_layouts_the_cluster_can_never_hold_fail_fast(cluster, tiny_model, default_model):
     with pytest.raises(InvalidLayoutError, match="no node can hold a tensor-parallel group of 4"):
         LLM(config=_config(tiny_model, 4, 1))
     with pytest.raises(InvalidLayoutError, match="exceed the whole cluster"):
-        LLM(config=_config(tiny_model, 2, 3))
+        LLM(config=_config(default_model, 3, 3))
     with pytest.raises(InvalidLayoutError, match="9 attention heads"):
         LLM(config=_config(default_model, 2, 1))
     with pytest.raises(InvalidLayoutError, match="pipeline stages for a model of only 3 layers"):
