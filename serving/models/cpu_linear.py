@@ -30,8 +30,15 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> None:
-    """Replace every nn.Linear of a float32 CPU model by a PackedLinear, in place, one at a time."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child.weight, child.bias))
+    """Replace every nn.Linear of a float32 CPU model by a PackedLinear, in place, one at a time.
+
+    Only names are collected up front, so each original weight is freed as soon as it is packed
+    and peak memory grows by one layer, not by the whole model.
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        setattr(parent, attr, PackedLinear(linear.weight, linear.bias))
+        del linear

@@ -42,6 +42,7 @@ class RayExecutor:
         address = ray.get(self.workers[0].rendezvous_address.remote())
         blocks = ray.get([w.setup.remote(str(folder), config, max_model_len, rank, address) for rank, w in enumerate(self.workers)])
         self.num_blocks = min(blocks)  # stages with more layers fit fewer blocks in the same budget
+        self.tensor_parallel = tp
         self.logits_rank = (pp - 1) * tp
 
     def submit(self, step: StepInput) -> list[ray.ObjectRef]:
@@ -54,8 +55,13 @@ class RayExecutor:
         except ray.exceptions.RayActorError as error:
             raise EngineDeadError(f"a model worker died: {error}") from error
 
-    def peak_memory_bytes(self) -> list[int]:
-        return ray.get([w.peak_memory_bytes.remote() for w in self.workers])
+    def memory_reports(self) -> list[dict[str, int]]:
+        return ray.get([w.memory_report.remote() for w in self.workers])
+
+    def time_all_reduce(self, rows: int, iterations: int = 50) -> float:
+        """Mean seconds of one all-reduce across the first TP group (all its ranks take part)."""
+        group = self.workers[: self.tensor_parallel]
+        return max(ray.get([w.time_all_reduce.remote(rows, iterations) for w in group]))
 
     def node_ids(self) -> list[str]:
         """The Ray node of each rank."""

@@ -48,6 +48,7 @@ class Worker:
             prev_rank=rank - tp_size if stage_rank > 0 else None,
             next_rank=rank + tp_size if stage_rank < pp_size - 1 else None,
         )
+        self.rss_before_load = _rss_bytes()
         self.runner = ModelRunner(Path(folder), ModelArch.from_folder(Path(folder)), config.model, config.engine, max_model_len, tp, stage)
         self.returns_logits = stage.is_last and tp_rank == 0
         return self.runner.num_blocks
@@ -58,10 +59,29 @@ class Worker:
             return None
         return StepLogits(logits.sample_logits.cpu(), {i: rows.cpu() for i, rows in logits.prompt_logits.items()})
 
-    def peak_memory_bytes(self) -> int:
-        """Peak resident memory of this worker process (CPU) or allocated device memory (CUDA)."""
-        if self.runner.device.type == "cuda":
-            return torch.cuda.max_memory_allocated()
+    def memory_report(self) -> dict[str, int]:
+        """Peak RSS, RSS just before loading, and bytes of this rank's weights and KV cache."""
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_before_load": self.rss_before_load,
+            "weights": sum(t.numel() * t.element_size() for t in self.runner.model.state_dict().values()),
+            "kv_cache": sum(2 * k.numel() * k.element_size() for k, _ in self.runner.kv_caches),
+        }
+
+    def time_all_reduce(self, rows: int, iterations: int) -> float:
+        """Mean seconds of one all-reduce of a [rows, hidden] activation across this TP group."""
+        import time
+
+        x = torch.randn(rows, self.runner.arch.hidden_size, dtype=self.runner.dtype, device=self.runner.device)
+        self.runner.model.tp.all_reduce(x)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            self.runner.model.tp.all_reduce(x)
+        return (time.perf_counter() - start) / iterations
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
