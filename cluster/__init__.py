@@ -1,0 +1,1 @@
+"""Ray cluster plumbing that is not serving: starting, finding and stopping a local cluster."""
