@@ -113,3 +113,24 @@ def test_pipeline_keeps_several_steps_in_flight(cluster, tiny_model):
         assert [finished[str(i)].outputs[0].token_ids for i in range(8)] == [o.outputs[0].token_ids for o in reference]
     finally:
         engine.runner.shutdown()
+
+
+@pytest.mark.slow
+def test_a_dead_worker_fails_the_replica_quickly(cluster, tiny_model):
+    import time
+
+    from serving.errors import EngineDeadError
+
+    llm = LLM(config=_config(tiny_model, 2, 1))
+    engine = llm.engine
+    try:
+        engine.add_request("r", "keep going", SamplingParams(max_tokens=200, ignore_eos=True))
+        engine.step()
+        ray.kill(engine.runner.workers[1])
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match="worker died"):
+            for _ in range(200):
+                engine.step()
+        assert time.monotonic() - started < 10
+    finally:
+        engine.runner.shutdown()

@@ -50,10 +50,16 @@ class RayExecutor:
         return [worker.execute.remote(step) for worker in self.workers]
 
     def collect(self, refs: list[ray.ObjectRef]) -> StepLogits:
+        """The step's logits; raises EngineDeadError as soon as any rank has died (its peers
+        would otherwise sit in a collective waiting for it)."""
+        pending = list(refs)
         try:
-            return ray.get(refs)[self.logits_rank]
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
         except ray.exceptions.RayActorError as error:
-            raise EngineDeadError(f"a model worker died: {error}") from error
+            raise EngineDeadError(f"a model worker died, the replica cannot continue: {error}") from error
+        return ray.get(refs[self.logits_rank])
 
     def memory_reports(self) -> list[dict[str, int]]:
         return ray.get([w.memory_report.remote() for w in self.workers])
