@@ -1,0 +1,174 @@
+"""Serving overhead: the engine behind HTTP + Ray Serve against the engine called directly, in one run.
+
+    python -m benchmarks.serving_overhead                 # default model, CPU
+    python -m benchmarks.serving_overhead --requests 20 --output-len 128
+
+1. Direct, in this process: the median time to first token of one request at a time through
+   AsyncLLMEngine, and the offline throughput of 32 requests stepped to completion by LLMEngine.
+2. Served: the same config deployed on a local Ray cluster (`deploy`, as `llmcluster serve` does),
+   called over HTTP with the same prompts (aiohttp, a lean client on the same cores): median time to
+   first streamed token at concurrency 1, and output throughput at concurrency 32, streaming and not.
+
+Greedy decoding with ignore_eos, so every request makes exactly --output-len tokens. Prints the
+ratios and writes a JSON file (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import aiohttp
+import ray
+from ray import serve
+
+from benchmarks.engine_bench import PROMPTS
+from serving.config import LLMConfig
+from serving.engine.async_engine import AsyncLLMEngine
+from serving.engine.sampling_params import SamplingParams
+from serving.server.deployments import deploy
+
+
+def prompts(count: int) -> list[str]:
+    return [f"{i}. {PROMPTS[i % len(PROMPTS)]}" for i in range(count)]
+
+
+async def direct_ttft(engine: AsyncLLMEngine, texts: list[str]) -> list[float]:
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    times = []
+    for text in texts:
+        start = time.perf_counter()
+        async for _ in engine.generate(text, params):
+            times.append(time.perf_counter() - start)
+            break
+    return times
+
+
+def offline_throughput(engine: AsyncLLMEngine, texts: list[str], output_len: int) -> float:
+    sync = engine.engine
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    for i, text in enumerate(texts):
+        sync.add_request(f"offline-{i}", text, params)
+    while sync.has_unfinished_requests():
+        sync.step()
+    return len(texts) * output_len / (time.perf_counter() - start)
+
+
+async def served_ttft(session: aiohttp.ClientSession, url: str, model: str, texts: list[str]) -> list[float]:
+    times = []
+    for text in texts:
+        body = {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0, "stream": True}
+        start = time.perf_counter()
+        async with session.post(f"{url}/v1/completions", json=body) as response:
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    times.append(time.perf_counter() - start)
+                    break
+    return times
+
+
+async def served_throughput(session: aiohttp.ClientSession, url: str, model: str, texts: list[str], output_len: int, stream: bool) -> float:
+    args = {"model": model, "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": stream}
+    if stream:
+        args["stream_options"] = {"include_usage": True}
+
+    async def one(text: str) -> int:
+        async with session.post(f"{url}/v1/completions", json=args | {"prompt": text}) as response:
+            if not stream:
+                return (await response.json())["usage"]["completion_tokens"]
+            usage = None
+            async for line in response.content:
+                if line.startswith(b"data: {"):
+                    usage = json.loads(line[6:])["usage"] or usage
+            return usage["completion_tokens"]
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(text) for text in texts))
+    elapsed = time.perf_counter() - start
+    assert all(c == output_len for c in counts), counts
+    return sum(counts) / elapsed
+
+
+async def measure_direct(config: LLMConfig, args: argparse.Namespace) -> dict[str, float]:
+    engine = AsyncLLMEngine(config)
+    await direct_ttft(engine, prompts(4))  # warm-up
+    ttft = statistics.median(await direct_ttft(engine, prompts(args.requests)))
+    offline_throughput(engine, prompts(4), 4)  # warm-up
+    throughput = offline_throughput(engine, prompts(args.concurrency), args.output_len)
+    return {"ttft_ms": ttft * 1000, "throughput_tok_s": throughput}
+
+
+async def measure_served(url: str, args: argparse.Namespace) -> dict[str, float]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async with session.get(f"{url}/v1/models") as response:
+            model = (await response.json())["data"][0]["id"]
+        await served_ttft(session, url, model, prompts(4))  # warm-up
+        ttft = statistics.median(await served_ttft(session, url, model, prompts(args.requests)))
+        await served_throughput(session, url, model, prompts(4), 4, stream=True)  # warm-up
+        texts = prompts(args.concurrency)
+        streaming = await served_throughput(session, url, model, texts, args.output_len, stream=True)
+        whole = await served_throughput(session, url, model, texts, args.output_len, stream=False)
+    return {"ttft_ms": ttft * 1000, "throughput_stream_tok_s": streaming, "throughput_tok_s": whole}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="model folder, repo id or 'default'")
+    parser.add_argument("--requests", type=int, default=20, help="sequential requests for the TTFT median")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=0.5)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_overhead.json"))
+    args = parser.parse_args()
+    config = LLMConfig.model_validate(
+        {
+            "model": {"source": args.model, "max_model_len": args.max_model_len},
+            "engine": {"kv_cache_memory_gb": args.kv_cache_memory_gb, "max_num_seqs": args.concurrency},
+            "server": {"port": free_port()},
+        }
+    )
+    direct = asyncio.run(measure_direct(config, args))
+    gc.collect()  # the direct engine is gone before the served one loads
+    print(f"direct: {json.dumps(direct)}", flush=True)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        served = asyncio.run(measure_served(deploy(config), args))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(f"served: {json.dumps(served)}", flush=True)
+    result = {
+        "direct": direct,
+        "served": served,
+        "ttft_overhead_ms": served["ttft_ms"] - direct["ttft_ms"],
+        "throughput_ratio": served["throughput_tok_s"] / direct["throughput_tok_s"],
+        "throughput_ratio_streaming": served["throughput_stream_tok_s"] / direct["throughput_tok_s"],
+        "settings": vars(args) | {"out": str(args.out)},
+    }
+    print(
+        f"TTFT at concurrency 1: served {served['ttft_ms']:.1f} ms vs direct {direct['ttft_ms']:.1f} ms "
+        f"(+{result['ttft_overhead_ms']:.1f} ms)\n"
+        f"Output throughput at concurrency {args.concurrency}: served {served['throughput_tok_s']:.0f} tok/s "
+        f"({result['throughput_ratio']:.0%} of offline {direct['throughput_tok_s']:.0f} tok/s), "
+        f"streamed {served['throughput_stream_tok_s']:.0f} tok/s ({result['throughput_ratio_streaming']:.0%})"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

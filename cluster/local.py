@@ -1,0 +1,126 @@
+"""A local Ray cluster that outlives the command that started it, found and stopped again later.
+
+The head node runs as `ray start --head --block` in a session of its own; its address and process
+id go to a small state file. Stopping the cluster means signalling that one process: on SIGTERM it
+takes its Ray processes down with it. Everything Ray exposes binds to 127.0.0.1, and the cluster
+uses Ray's token authentication (the token lives in ~/.ray/auth_token).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import ray
+from ray._private.authentication.authentication_token_setup import _enable_token_auth
+from ray._private.ray_constants import DEFAULT_DASHBOARD_PORT, DEFAULT_PORT
+
+STATE_FILE = "local-cluster.json"
+LOG_FILE = "local-cluster.log"
+_HOST = "127.0.0.1"
+_HEAD_ENV = {
+    "RAY_AUTH_MODE": "token",
+    # a single-node cluster has nowhere to drain its work to: stop at once rather than after 30 s
+    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+}
+
+
+@dataclass
+class LocalCluster:
+    address: str  # the head's GCS address, host:port
+    pid: int  # of the `ray start --block` process
+    dashboard_url: str
+    log_path: str
+
+    def is_alive(self) -> bool:
+        try:
+            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+
+def find(state_dir: Path) -> LocalCluster | None:
+    """The running local cluster recorded in `state_dir`, if any."""
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    cluster = LocalCluster(**json.loads(path.read_text()))
+    if cluster.is_alive():
+        return cluster
+    path.unlink()
+    return None
+
+
+def start(state_dir: Path, port: int | None = None, dashboard_port: int | None = None, timeout_s: float = 60.0) -> LocalCluster:
+    """Start a head node (or return the one already running) and wait until it accepts connections.
+
+    `port` and `dashboard_port` default to Ray's own defaults.
+    """
+    if (running := find(state_dir)) is not None:
+        return running
+    state_dir.mkdir(parents=True, exist_ok=True)
+    port = port or DEFAULT_PORT
+    dashboard_port = dashboard_port or DEFAULT_DASHBOARD_PORT
+    for needed in (port, dashboard_port):
+        if _port_in_use(needed):
+            raise RuntimeError(f"port {needed} on {_HOST} is in use (another Ray cluster?); choose other ports")
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        f"--port={port}", f"--node-ip-address={_HOST}",
+        "--include-dashboard=true", f"--dashboard-host={_HOST}", f"--dashboard-port={dashboard_port}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log_path = state_dir / LOG_FILE
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=os.environ | _HEAD_ENV,
+        )  # fmt: skip
+    cluster = LocalCluster(f"{_HOST}:{port}", process.pid, f"http://{_HOST}:{dashboard_port}", str(log_path))
+    deadline = time.monotonic() + timeout_s
+    while not _port_in_use(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the Ray head did not start; its log is {log_path}:\n{_tail(log_path)}")
+        time.sleep(0.2)
+    (state_dir / STATE_FILE).write_text(json.dumps(asdict(cluster)))
+    return cluster
+
+
+def connect(address: str, token_auth: bool) -> None:
+    """Connect this process to the cluster at `address` as a driver; quietly."""
+    if token_auth:  # RAY_AUTH_MODE=token, and make Ray (which read its settings on import) read it again
+        _enable_token_auth()
+    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def stop(state_dir: Path, timeout_s: float = 60.0) -> bool:
+    """Stop the local cluster recorded in `state_dir`; False if none was running."""
+    cluster = find(state_dir)
+    if cluster is None:
+        return False
+    os.kill(cluster.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while cluster.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if cluster.is_alive():
+        os.killpg(cluster.pid, signal.SIGKILL)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+    return True
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((_HOST, port)) == 0
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API and the Ray Serve deployments behind it."""

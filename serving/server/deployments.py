@@ -1,0 +1,243 @@
+"""The Ray Serve application: LLM replicas (one engine each) behind an API ingress.
+
+`build_app` is the builder for `serve run` / `serve deploy` (import path
+`serving.server.deployments:build_app`, its args an `LLMConfig` as a dict); `deploy` starts Serve
+on the connected Ray cluster, runs the application and waits until the API answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psutil
+from fastapi import FastAPI
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from serving.config import LLMConfig, ServerConfig
+from serving.engine.async_engine import AsyncLLMEngine
+from serving.engine.sampling_params import SamplingParams
+from serving.errors import EngineDeadError, InvalidRequestError, LLMClusterError
+from serving.server.app import create_app
+from serving.server.http_errors import overloaded
+from serving.server.messages import (
+    EngineStats,
+    GenerationDelta,
+    ModelInfo,
+    engine_deltas,
+)
+
+# Environment of the Serve controller (and the proxies it starts). On 2 cores that are also loading
+# a model, a proxy can take longer than Serve's default 5 s to report ready, and is then restarted
+# over and over; these give it time.
+SERVE_CONTROLLER_ENV = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+}
+API_HEADROOM_REQUESTS = 64  # API requests beyond the LLM capacity, for /health, /metrics and /v1/models
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=3)
+class LLMDeployment:
+    """One engine; streams output deltas of each request to the API replica that asked."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = LLMConfig.model_validate(config)
+        self.engine = AsyncLLMEngine(_with_threads(self.config))
+        self.replica = serve.get_replica_context().replica_id.unique_id
+
+    # A request the engine rejects is answered with the error as a value, not raised: it is the
+    # client's fault, and Serve would log a raised one as a failure of this replica.
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[GenerationDelta | InvalidRequestError]:
+        try:
+            async for delta in engine_deltas(self.engine.generate(prompt_ids, params, request_id)):
+                yield delta
+        except InvalidRequestError as error:
+            yield error
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> GenerationDelta | InvalidRequestError:
+        result: GenerationDelta | None = None
+        try:
+            async for delta in engine_deltas(self.engine.generate(prompt_ids, params, request_id)):
+                result = delta if result is None else result.merge(delta)
+        except InvalidRequestError as error:
+            return error
+        assert result is not None, "the engine finishes every request with an output"
+        return result
+
+    async def model_info(self) -> ModelInfo:
+        engine = self.engine.engine
+        return ModelInfo(engine.model_name, engine.max_model_len, engine.tokenizer)
+
+    async def stats(self) -> EngineStats:
+        engine = self.engine.engine
+        blocks = engine.blocks
+        return EngineStats(
+            replica=self.replica,
+            model=engine.model_name,
+            num_running=engine.num_running,
+            num_waiting=engine.num_waiting,
+            kv_cache_usage=blocks.usage,
+            kv_blocks_used=blocks.num_blocks - blocks.num_free_blocks,
+            kv_blocks_total=blocks.num_blocks,
+        )
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically and restarts the replica while it raises."""
+        if self.engine.dead_error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.engine.dead_error!r}")
+        stalled = self.engine.seconds_without_progress()
+        if stalled > self.config.server.stall_timeout_s:
+            raise EngineDeadError(f"the engine has had work but made no progress for {stalled:.0f} s")
+
+
+def _with_threads(config: LLMConfig) -> LLMConfig:
+    """Ray sets OMP_NUM_THREADS=1 in a worker that reserves no CPUs, which leaves torch one thread; an
+    engine left to torch's choice gets what torch would choose outside Ray: the node's physical cores."""
+    if config.engine.num_threads is not None:
+        return config
+    engine = config.engine.model_copy(update={"num_threads": psutil.cpu_count(logical=False) or os.cpu_count()})
+    return config.model_copy(update={"engine": engine})
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class APIIngress:
+    """The OpenAI-compatible HTTP API (FastAPI), calling the LLM deployment through its handle."""
+
+    def __init__(self, llm: DeploymentHandle, config: dict[str, Any]) -> None:
+        self.config = LLMConfig.model_validate(config)
+        self.backend = ServeLLMClient(llm, self.config.server.retry_after_s)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.backend, self.config.server)
+
+
+class ServeLLMClient:
+    """The LLM deployment as the API's backend: streaming handle calls, with Ray's errors unwrapped."""
+
+    def __init__(self, handle: DeploymentHandle, retry_after_s: int) -> None:
+        self._handle = handle
+        self._streaming = handle.options(stream=True)
+        self._retry_after_s = retry_after_s
+        self._info: ModelInfo | None = None
+
+    async def model_info(self) -> ModelInfo:
+        if self._info is None:
+            with self._errors():
+                self._info = await self._handle.model_info.remote()
+        return self._info
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[GenerationDelta]:
+        with self._errors():
+            response = self._streaming.generate.remote(prompt_ids, params, request_id)
+            try:
+                async for delta in response:
+                    if isinstance(delta, InvalidRequestError):
+                        raise delta
+                    yield delta
+            except BaseException:  # closed early (client gone), cancelled or failed: abort it on its replica
+                response.cancel()
+                raise
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> GenerationDelta:
+        with self._errors():
+            response = self._handle.complete.remote(prompt_ids, params, request_id)
+            try:
+                result = await response
+            except asyncio.CancelledError:
+                response.cancel()
+                raise
+        if isinstance(result, InvalidRequestError):
+            raise result
+        return result
+
+    async def stats(self) -> EngineStats:
+        with self._errors():
+            return await self._handle.stats.remote()
+
+    async def check_health(self) -> None:
+        with self._errors():
+            await self._handle.check_health.remote()
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except BackPressureError as error:
+            raise overloaded(self._retry_after_s) from error
+        except RayTaskError as error:
+            if isinstance(error.cause, LLMClusterError):
+                raise error.cause from None
+            raise
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application for `serve run` / `serve deploy`: `args` is an LLMConfig as a dict."""
+    return build(LLMConfig.model_validate(args))
+
+
+def build(config: LLMConfig) -> serve.Application:
+    server = config.server
+    data = config.model_dump(mode="json")
+    llm = LLMDeployment.options(**_llm_options(server)).bind(data)
+    capacity = server.max_ongoing_requests * server.max_replicas + server.max_queued_requests + API_HEADROOM_REQUESTS
+    return APIIngress.options(max_ongoing_requests=capacity).bind(llm, data)
+
+
+def _llm_options(server: ServerConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "max_ongoing_requests": server.max_ongoing_requests,
+        "max_queued_requests": server.max_queued_requests,
+    }
+    if server.max_replicas > server.min_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": server.min_replicas,
+            "max_replicas": server.max_replicas,
+            "target_ongoing_requests": max(1, server.max_ongoing_requests // 2),
+        }
+    else:
+        options["num_replicas"] = server.min_replicas
+    return options
+
+
+def deploy(config: LLMConfig, timeout_s: float = 120.0) -> str:
+    """Run the application on the connected Ray cluster; returns the API's URL once /health answers 200."""
+    server = config.server
+    serve.start(
+        http_options={"host": server.host, "port": server.port},
+        controller_options={"runtime_env": {"env_vars": SERVE_CONTROLLER_ENV}},
+    )
+    serve.run(build(config), name=server.app_name, route_prefix="/")
+    wait_until_healthy(server.url, timeout_s)
+    return server.url
+
+
+def wait_until_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as error:
+            last = f"HTTP {error.code}"
+        except OSError as error:
+            last = str(error)
+        time.sleep(0.5)
+    raise TimeoutError(
+        f"{url}/health did not answer 200 within {timeout_s:.0f} s ({last}); if Serve was already running on "
+        "this cluster, it keeps the host and port it started with"
+    )

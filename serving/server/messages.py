@@ -1,0 +1,94 @@
+"""The plain data LLM replicas send to API replicas: compact output deltas, model facts, engine state.
+
+The engine reports each request's full text and token lists on every step; across a process
+boundary only what changed is worth sending, so `engine_deltas` turns its outputs into deltas.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from serving.engine.sequence import RequestOutput, TokenLogprob
+from serving.tokenizer import Tokenizer
+
+
+@dataclass
+class ChoiceDelta:
+    """New output of one completion (choice) of a request."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None  # one entry per token in token_ids, when logprobs were asked for
+    finish_reason: str | None = None  # set once, in the delta that ends the choice
+
+
+@dataclass
+class GenerationDelta:
+    """What one or more engine steps added to a request."""
+
+    num_prompt_tokens: int
+    choices: list[ChoiceDelta] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first delta only, when asked for
+
+    def merge(self, later: GenerationDelta) -> GenerationDelta:
+        """This delta followed by `later`, as one delta."""
+        by_index = {c.index: ChoiceDelta(c.index, c.text, list(c.token_ids), _copy(c.logprobs), c.finish_reason) for c in self.choices}
+        for c in later.choices:
+            merged = by_index.setdefault(c.index, ChoiceDelta(c.index, "", [], None if c.logprobs is None else []))
+            merged.text += c.text
+            merged.token_ids += c.token_ids
+            if c.logprobs is not None:
+                merged.logprobs = (merged.logprobs or []) + c.logprobs
+            merged.finish_reason = c.finish_reason or merged.finish_reason
+        prompt_logprobs = self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs
+        return GenerationDelta(self.num_prompt_tokens, sorted(by_index.values(), key=lambda c: c.index), prompt_logprobs)
+
+
+def _copy(logprobs: list[TokenLogprob] | None) -> list[TokenLogprob] | None:
+    return None if logprobs is None else list(logprobs)
+
+
+@dataclass
+class ModelInfo:
+    """What the API needs to know about the served model; the tokenizer renders and encodes prompts."""
+
+    name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+
+
+@dataclass
+class EngineStats:
+    """One replica's engine state, for /metrics and `llmcluster status`."""
+
+    replica: str
+    model: str
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1, blocks held by live sequences
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+async def engine_deltas(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[GenerationDelta]:
+    """Turn a request's engine outputs into deltas; closing this closes (and so aborts) `outputs`."""
+    finished: set[int] = set()
+    first = True
+    try:
+        async for output in outputs:
+            delta = GenerationDelta(len(output.prompt_token_ids), prompt_logprobs=output.prompt_logprobs if first else None)
+            first = False
+            for c in output.outputs:
+                if c.index in finished:
+                    continue
+                if c.finish_reason is not None:
+                    finished.add(c.index)
+                elif not c.token_ids_delta and not c.text_delta:
+                    continue
+                new = len(c.token_ids_delta)
+                logprobs = None if c.logprobs is None else c.logprobs[len(c.logprobs) - new :] if new else []
+                delta.choices.append(ChoiceDelta(c.index, c.text_delta, list(c.token_ids_delta), logprobs, c.finish_reason))
+            yield delta
+    finally:
+        await outputs.aclose()

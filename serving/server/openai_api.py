@@ -1,0 +1,301 @@
+"""OpenAI completions and chat completions over an LLM backend: requests in, JSON bodies or SSE events out.
+
+The API side renders chat templates and tokenizes (so replicas receive token ids), turns request
+fields into `SamplingParams`, and shapes the engine's deltas into OpenAI's responses and chunks.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from serving.config import LimitsConfig
+from serving.engine.sampling_params import SamplingParams
+from serving.errors import LLMClusterError
+from serving.server.formats import ChatFormat, CompletionFormat, Prompt, ResponseFormat
+from serving.server.http_errors import (
+    APIError,
+    bad_request,
+    from_engine_error,
+    internal_error,
+    model_not_found,
+)
+from serving.server.messages import EngineStats, GenerationDelta, ModelInfo
+from serving.server.openai_protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    _SamplingRequest,
+)
+from serving.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# request fields that map one to one onto SamplingParams; None means "the engine's default"
+_SAMPLING_FIELDS = (
+    "n", "max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop",
+    "top_k", "min_p", "repetition_penalty", "ignore_eos",
+)  # fmt: skip
+
+
+class LLMBackend(Protocol):
+    """The LLM replicas as the API sees them."""
+
+    async def model_info(self) -> ModelInfo: ...
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[GenerationDelta]:
+        """Stream a request's deltas; closing the iterator aborts the request."""
+        ...
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> GenerationDelta:
+        """The whole output of a request as one delta."""
+        ...
+
+    async def stats(self) -> EngineStats: ...
+
+    async def check_health(self) -> None:
+        """Raise unless the engine is alive and making progress."""
+        ...
+
+
+@dataclass
+class _Job:
+    """One endpoint call, ready to run: prompts, sampling, and how to shape the output."""
+
+    model: str
+    prompts: list[Prompt]
+    params: SamplingParams
+    format: ResponseFormat
+    stream: bool
+    include_usage: bool
+    param_names: Mapping[str, str]  # engine parameter names to this endpoint's names
+
+
+class OpenAIServing:
+    def __init__(self, backend: LLMBackend, limits: LimitsConfig) -> None:
+        self.backend = backend
+        self.limits = limits
+        self.created = int(time.time())
+
+    async def models(self) -> dict[str, Any]:
+        info = await self.backend.model_info()
+        card = {"id": info.name, "object": "model", "created": self.created, "owned_by": "llm-cluster", "max_model_len": info.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    async def completions(self, request: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+        info = await self._model(request.model)
+        if request.suffix is not None:
+            raise bad_request("suffix is not supported", "suffix")
+        with _engine_errors({}):
+            params = self._params(request, logprobs=request.logprobs, prompt_logprobs=request.logprobs if request.echo else None)
+        prompts = _completion_prompts(request.prompt)
+        if len(prompts) * params.n > self.limits.max_n:
+            raise bad_request(f"prompts times n must be at most {self.limits.max_n}", "prompt")
+        for prompt in prompts:
+            if prompt.text is not None:
+                prompt.token_ids = info.tokenizer.encode(prompt.text)
+        fmt = CompletionFormat(info.tokenizer, request.echo)
+        return await self._run(_Job(info.name, prompts, params, fmt, request.stream, _include_usage(request), {}))
+
+    async def chat(self, request: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+        info = await self._model(request.model)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        max_tokens_name = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
+        names = {"prompt": "messages", "logprobs": "top_logprobs", "max_tokens": max_tokens_name}
+        with _engine_errors(names):
+            params = self._params(
+                request,
+                max_tokens=request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens,
+                logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+            )
+            prompt = _chat_prompt(request.messages, info.tokenizer)
+        fmt = ChatFormat(info.tokenizer)
+        return await self._run(_Job(info.name, [prompt], params, fmt, request.stream, _include_usage(request), names))
+
+    async def _model(self, name: str) -> ModelInfo:
+        info = await self.backend.model_info()
+        if name != info.name:
+            raise model_not_found(name)
+        return info
+
+    def _params(self, request: _SamplingRequest, **overrides: Any) -> SamplingParams:
+        if request.stream_options is not None and not request.stream:
+            raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+        if request.n is not None and request.n > self.limits.max_n:
+            raise bad_request(f"n must be at most {self.limits.max_n}", "n")
+        fields = {name: value for name in _SAMPLING_FIELDS if (value := getattr(request, name)) is not None}
+        return SamplingParams(**(fields | overrides))
+
+    async def _run(self, job: _Job) -> dict[str, Any] | AsyncIterator[str]:
+        request_id = f"{job.format.id_prefix}-{uuid.uuid4().hex}"
+        ids = [f"{request_id}-{i}" for i in range(len(job.prompts))]
+        if not job.stream:
+            with _engine_errors(job.param_names):
+                calls = [self.backend.complete(p.token_ids, job.params, rid) for p, rid in zip(job.prompts, ids)]
+                results = await _gather(calls)
+            return self._response(job, request_id, results)
+        streams = [self.backend.generate(p.token_ids, job.params, rid) for p, rid in zip(job.prompts, ids)]
+        try:
+            with _engine_errors(job.param_names):
+                firsts = [await anext(stream) for stream in streams]  # errors surface before the response starts
+        except BaseException:
+            await _close(streams)
+            raise
+        return self._events(job, request_id, streams, firsts)
+
+    def _response(self, job: _Job, request_id: str, results: list[GenerationDelta]) -> dict[str, Any]:
+        fmt, n = job.format, job.params.n
+        choices = [
+            fmt.choice(i * n + c.index, job.prompts[i], result, c) for i, result in enumerate(results) for c in result.choices
+        ]
+        body = {"id": request_id, "object": fmt.object, "created": int(time.time()), "model": job.model, "choices": choices}
+        completion_tokens = sum(len(c.token_ids) for result in results for c in result.choices)
+        return body | {"usage": _usage(sum(r.num_prompt_tokens for r in results), completion_tokens)}
+
+    async def _events(
+        self, job: _Job, request_id: str, streams: list[AsyncIterator[GenerationDelta]], firsts: list[GenerationDelta]
+    ) -> AsyncIterator[str]:
+        fmt, n = job.format, job.params.n
+        head = {"id": request_id, "object": fmt.chunk_object, "created": int(time.time()), "model": job.model}
+        if job.include_usage:
+            head["usage"] = None
+        completion_tokens = 0
+        try:
+            for i, first in enumerate(firsts):
+                for index in range(n):
+                    if (opening := fmt.opening(i * n + index, job.prompts[i], first)) is not None:
+                        yield _event(head | {"choices": [opening]})
+            async for i, delta in _merge(streams, firsts):
+                for c in delta.choices:
+                    completion_tokens += len(c.token_ids)
+                    yield _event(head | {"choices": [fmt.chunk_choice(i * n + c.index, c)]})
+            if job.include_usage:
+                usage = _usage(sum(f.num_prompt_tokens for f in firsts), completion_tokens)
+                yield _event(head | {"choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+        except Exception as error:  # the response has started: report the error as the last event
+            api_error = _api_error(error, job.param_names)
+            if api_error.status >= 500:
+                logger.exception("request %s failed mid-stream", request_id)
+            yield _event(api_error.body())
+        finally:
+            await _close(streams)
+
+
+def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    """One Prompt per prompt in the request; text prompts are tokenized later, token ids pass as they are."""
+    items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+    if not items:
+        raise bad_request("the prompt is empty", "prompt")
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            if not item:
+                raise bad_request("the prompt is empty", "prompt")
+            prompts.append(Prompt([], item))
+        else:
+            prompts.append(Prompt(list(item), None))
+    return prompts
+
+
+def _chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer) -> Prompt:
+    conversation = []
+    for m in messages:
+        turn = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        conversation.append(turn | ({"name": m.name} if m.name else {}))
+    return Prompt(chat_prompt_ids(tokenizer, conversation), None)
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, conversation: list[dict[str, str]]) -> list[int]:
+    """The conversation rendered with the model's chat template, encoded; a template that writes BOS gets no second one."""
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+
+def _include_usage(request: _SamplingRequest) -> bool:
+    return request.stream_options is not None and request.stream_options.include_usage
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _api_error(error: Exception, param_names: Mapping[str, str]) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, LLMClusterError):
+        return from_engine_error(error, param_names)
+    return internal_error()
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+@contextmanager
+def _engine_errors(param_names: Mapping[str, str]) -> Iterator[None]:
+    """Engine errors raised inside become API errors, with parameter names as the endpoint spells them."""
+    try:
+        yield
+    except LLMClusterError as error:
+        raise from_engine_error(error, param_names) from error
+
+
+async def _gather(calls: list[Awaitable[T]]) -> list[T]:
+    """All results, or the first error with the other calls cancelled."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _merge(streams: list[AsyncIterator[T]], firsts: list[T]) -> AsyncIterator[tuple[int, T]]:
+    """(stream number, item) of several streams, in arrival order, starting with their first items."""
+    for i, first in enumerate(firsts):
+        yield i, first
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((i, item))
+            queue.put_nowait((i, end))
+        except Exception as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((i, error))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is end:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _close(streams: list[AsyncIterator[GenerationDelta]]) -> None:
+    for stream in streams:
+        await stream.aclose()  # type: ignore[attr-defined]

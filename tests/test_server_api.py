@@ -1,0 +1,332 @@
+"""End to end: the real Ray Serve application with the default model, driven by the official openai client.
+
+One application serves the whole module (start-up is the slow part); traffic goes to 127.0.0.1 only.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import ray
+import requests
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+
+from serving.config import LLMConfig
+from serving.server.deployments import deploy
+from serving.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+MAX_MODEL_LEN = 1024
+MAX_ONGOING, MAX_QUEUED = 8, 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(default_model) -> Iterator[str]:
+    config = LLMConfig.model_validate(
+        {
+            "model": {"source": str(default_model), "max_model_len": MAX_MODEL_LEN},
+            "engine": {"kv_cache_memory_gb": 0.25, "max_num_seqs": 16},
+            "server": {"port": free_port(), "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED},
+        }
+    )
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        yield deploy(config)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def engine_state(server: str) -> dict[str, float]:
+    """The engine gauges of /metrics, by metric name."""
+    text = requests.get(f"{server}/metrics", timeout=30).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if "replica" in s.labels}
+
+
+def wait_until_idle(server: str, timeout_s: float = 20.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = engine_state(server)
+        idle = state["llmcluster_engine_running_requests"] == 0 and state["llmcluster_kv_cache_used_blocks"] == 0
+        if idle or time.monotonic() > deadline:
+            return state
+        time.sleep(0.2)
+
+
+# what works
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+
+
+def test_default_model_knows_the_capital_of_france(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=32
+    )
+    assert "Paris" in response.choices[0].message.content
+    assert response.choices[0].finish_reason == "stop"
+    usage = response.usage
+    assert usage.prompt_tokens > 10 and 0 < usage.completion_tokens <= 32
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_stream_equals_non_stream_and_ends_with_usage(client):
+    args = {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a colour."}],
+        "temperature": 0,
+        "max_completion_tokens": 20,
+    }
+    whole = client.chat.completions.create(**args)
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_n2_with_stop(client):
+    response = client.completions.create(
+        model=MODEL, prompt="Here is a list of fruits: apple,", n=2, temperature=0.8, seed=3, max_tokens=24, stop=[","]
+    )
+    assert sorted(c.index for c in response.choices) == [0, 1]
+    for choice in response.choices:
+        assert "," not in choice.text
+        assert choice.finish_reason in ("stop", "length")
+    assert any(c.finish_reason == "stop" for c in response.choices)
+    assert response.usage.completion_tokens <= 2 * 24
+
+
+def test_completion_stream_n2_equals_non_stream(client):
+    args = {"model": MODEL, "prompt": "Once upon a time", "n": 2, "temperature": 1.0, "seed": 11, "max_tokens": 12}
+    whole = client.completions.create(**args)
+    texts = {0: "", 1: ""}
+    finish = {}
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+    assert chunks[-1].usage == whole.usage
+
+
+def test_seed_makes_sampling_reproducible(client):
+    def sample(seed: int) -> str:
+        args = {"model": MODEL, "prompt": "My favourite animal is", "temperature": 1.0, "max_tokens": 24, "seed": seed}
+        return client.completions.create(**args).choices[0].text
+
+    assert sample(42) == sample(42)
+    assert sample(42) != sample(43)
+
+
+def test_completion_logprobs_with_echo(client):
+    prompt = "The sky is"
+    response = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=2, max_tokens=3, temperature=0)
+    choice = response.choices[0]
+    assert choice.text.startswith(prompt)
+    lp = choice.logprobs
+    num_tokens = response.usage.prompt_tokens + response.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == num_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(top) <= 2 for top in lp.top_logprobs[1:])
+    assert "".join(lp.tokens) == choice.text
+    for token, logprob, top in zip(lp.tokens[-3:], lp.token_logprobs[-3:], lp.top_logprobs[-3:]):
+        assert top[token] == pytest.approx(logprob)  # greedy: the chosen token is the most likely one
+
+
+def test_chat_logprobs(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi"}], logprobs=True, top_logprobs=3, max_tokens=5, temperature=0
+    )
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs))
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+
+
+def test_batched_and_token_id_prompts(client, default_model):
+    one = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+    batch = client.completions.create(model=MODEL, prompt=["Hello", "Goodbye"], max_tokens=4, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1] and batch.choices[0].text == one.choices[0].text
+    hello = Tokenizer.from_folder(default_model).encode("Hello")
+    by_ids = client.completions.create(model=MODEL, prompt=[hello, hello], max_tokens=4, temperature=0, echo=True)
+    assert [c.text for c in by_ids.choices] == ["Hello" + one.choices[0].text] * 2
+    assert by_ids.usage.prompt_tokens == 2 * len(hello)
+
+
+# what is refused, and how
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
+
+BAD_REQUESTS = [
+    # (case, path, body (dict, or raw bytes), status, param, words the message must contain)
+    ("empty prompt", "completions", COMPLETION | {"prompt": ""}, 400, "prompt", ["empty"]),
+    ("no messages", "chat/completions", CHAT | {"messages": []}, 400, "messages", []),
+    ("negative max_tokens", "completions", COMPLETION | {"max_tokens": -1}, 400, "max_tokens", []),
+    ("huge max_tokens", "chat/completions", CHAT | {"max_tokens": 10**9}, 400, "max_tokens", ["1024", "1000000"]),
+    ("prompt over the context", "completions", COMPLETION | {"prompt": "hello " * 1100}, 400, "prompt", ["1024", "in the prompt"]),
+    ("n=1000", "completions", COMPLETION | {"n": 1000}, 400, "n", []),
+    ("top_logprobs=50", "chat/completions", CHAT | {"logprobs": True, "top_logprobs": 50}, 400, "top_logprobs", []),
+    ("logprobs=50", "completions", COMPLETION | {"logprobs": 50}, 400, "logprobs", []),
+    ("suffix", "completions", COMPLETION | {"suffix": "end"}, 400, "suffix", ["suffix"]),
+    ("json response_format", "chat/completions", CHAT | {"response_format": {"type": "json_object"}}, 400, "response_format", []),
+    ("stream_options without stream", "completions", COMPLETION | {"stream_options": {"include_usage": True}}, 400, "stream_options", []),
+    ("unknown model", "completions", COMPLETION | {"model": "gpt-5"}, 404, "model", ["gpt-5"]),
+    ("unknown field", "completions", COMPLETION | {"best_of": 3}, 400, "best_of", ["best_of"]),
+    ("wrong type", "completions", COMPLETION | {"max_tokens": "ten"}, 400, "max_tokens", []),
+    ("wrong message type", "chat/completions", CHAT | {"messages": [{"role": "user", "content": 5}]}, 400, "messages", []),
+    ("malformed JSON", "completions", b'{"model": "x", "prompt": ', 400, None, ["JSON"]),
+    ("invalid UTF-8", "completions", b'{"model": "\xff\xfe", "prompt": "x"}', 400, None, []),
+    ("not an object", "completions", b"[1, 2]", 400, None, []),
+    ("huge body", "completions", b'{"prompt": "' + b"a" * (3 * 2**20) + b'"}', 413, None, ["bytes"]),
+]
+
+
+@pytest.mark.parametrize("case, path, body, status, param, words", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_gets_openai_error(server, case, path, body, status, param, words):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = requests.post(f"{server}/v1/{path}", data=data, headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert all(word in error["message"] for word in words), error["message"]
+
+
+def test_huge_body_without_content_length_gets_413(server):
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(48):
+            yield b"a" * 2**16
+
+    response = requests.post(f"{server}/v1/completions", data=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_server_is_healthy_after_bad_requests(server, client):
+    assert requests.get(f"{server}/health", timeout=30).status_code == 200
+    response = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4)
+    assert response.usage.completion_tokens == 4 or response.choices[0].finish_reason == "stop"
+
+
+def test_unknown_route_is_404_in_openai_format(server):
+    response = requests.get(f"{server}/v1/engines", timeout=30)
+    assert response.status_code == 404 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+# load, disconnects, health and metrics
+
+
+def _long_stream(server: str) -> requests.Response:
+    body = COMPLETION | {"max_tokens": 800, "ignore_eos": True, "stream": True}
+    return requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120)
+
+
+def test_full_queue_gets_503_with_retry_after(server):
+    answers: list[tuple[int, str | None, bytes]] = []  # status, Retry-After, body of the refused
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def hold_one() -> None:
+        response = _long_stream(server)
+        refused = response.content if response.status_code != 200 else b""  # read before the connection closes
+        with lock:
+            answers.append((response.status_code, response.headers.get("Retry-After"), refused))
+        release.wait(120)
+        response.close()
+
+    threads = [threading.Thread(target=hold_one) for _ in range(MAX_ONGOING + MAX_QUEUED + 6)]
+    for thread in threads:
+        thread.start()
+    deadline, answered, settled = time.monotonic() + 60, -1, time.monotonic()
+    while time.monotonic() < min(deadline, settled + 3):  # until 3 s pass without an answer; queued ones wait on
+        if len(answers) != answered:
+            answered, settled = len(answers), time.monotonic()
+        time.sleep(0.1)
+    release.set()
+    for thread in threads:
+        thread.join(120)
+    statuses = [status for status, _, _ in answers]
+    assert len(statuses) == len(threads) and set(statuses) == {200, 503}, statuses
+    for status, retry_after, body in answers:
+        if status == 503:
+            assert retry_after == "1" and json.loads(body)["error"]["code"] == "overloaded"
+    assert wait_until_idle(server)["llmcluster_engine_running_requests"] == 0
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_disconnect_aborts_the_request(server, stream):
+    idle = wait_until_idle(server)
+    assert idle["llmcluster_kv_cache_used_blocks"] == 0
+    if stream:
+        response = _long_stream(server)
+        lines = response.iter_lines()
+        assert next(line for line in lines if line).startswith(b"data: ")
+        close: Callable[[], None] = response.close
+    else:
+        body = COMPLETION | {"max_tokens": 800, "ignore_eos": True}
+        thread = threading.Thread(target=_post_and_give_up, args=(f"{server}/v1/completions", body))
+        thread.start()
+        close = thread.join  # the client gives up after a few seconds
+    busy = engine_state(server)
+    deadline = time.monotonic() + 30
+    while busy["llmcluster_engine_running_requests"] == 0 and time.monotonic() < deadline:
+        busy = engine_state(server)
+    assert busy["llmcluster_engine_running_requests"] == 1 and busy["llmcluster_kv_cache_used_blocks"] > 0
+    close()
+    after = wait_until_idle(server)
+    assert after["llmcluster_engine_running_requests"] == 0 and after["llmcluster_kv_cache_used_blocks"] == 0
+
+
+def _post_and_give_up(url: str, body: dict) -> None:
+    """A client that times out after 4 s, closing its connection mid-request."""
+    try:
+        requests.post(url, json=body, timeout=(10, 4))
+    except requests.exceptions.ReadTimeout:
+        return
+    raise AssertionError("the request was meant to outlast the client's patience")
+
+
+def test_health_and_metrics(server, client):
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    requests.post(f"{server}/v1/completions", json=COMPLETION | {"n": 0}, timeout=30)
+    health = requests.get(f"{server}/health", timeout=30)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    metrics = requests.get(f"{server}/metrics", timeout=30)
+    assert metrics.headers["Content-Type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+    counts = {(s.labels["route"], s.labels["status_class"]) for s in families["llmcluster_http_requests"].samples}
+    assert {("/v1/completions", "2xx"), ("/v1/completions", "4xx"), ("/v1/chat/completions", "2xx"), ("/health", "2xx")} <= counts
+    for name in ("engine_running_requests", "engine_waiting_requests", "kv_cache_usage_ratio", "kv_cache_blocks"):
+        [sample] = families[f"llmcluster_{name}"].samples
+        assert sample.labels["model"] == MODEL and sample.labels["replica"]

@@ -1,0 +1,55 @@
+"""The server section of the config, the Serve application built from it, and the example Serve config file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from serving.config import LLMConfig, ServerConfig
+from serving.server.deployments import SERVE_CONTROLLER_ENV, _llm_options, build_app
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "serve_config.yaml"
+
+
+def test_server_defaults_keep_everything_on_this_machine():
+    server = LLMConfig().server
+    assert server.host == "127.0.0.1" and server.url == "http://127.0.0.1:8000"
+    assert ServerConfig(host="0.0.0.0", port=9000).url == "http://127.0.0.1:9000"
+
+
+@pytest.mark.parametrize(
+    "server",
+    [{"min_replicas": 3, "max_replicas": 2}, {"port": 0}, {"max_ongoing_requests": 0}, {"limits": {"max_n": 0}}, {"hots": "x"}],
+)
+def test_invalid_server_settings_are_rejected(server):
+    with pytest.raises(ValidationError):
+        LLMConfig.model_validate({"server": server})
+
+
+def test_yaml_config_with_a_server_section(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  max_model_len: 512\nserver:\n  port: 9001\n  limits:\n    max_body_bytes: 1000\n")
+    config = LLMConfig.from_yaml(path)
+    assert (config.model.max_model_len, config.server.port, config.server.limits.max_body_bytes) == (512, 9001, 1000)
+    assert config.server.limits.max_n == ServerConfig().limits.max_n
+
+
+def test_replicas_fixed_or_autoscaled():
+    fixed = _llm_options(ServerConfig(min_replicas=2, max_replicas=2, max_ongoing_requests=10, max_queued_requests=3))
+    assert fixed == {"num_replicas": 2, "max_ongoing_requests": 10, "max_queued_requests": 3}
+    scaled = _llm_options(ServerConfig(min_replicas=1, max_replicas=4, max_ongoing_requests=10))
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 5}
+
+
+def test_example_serve_config_is_valid_for_serve_and_for_us():
+    document = yaml.safe_load(EXAMPLE.read_text())
+    schema = ServeDeploySchema.model_validate(document)
+    [app] = schema.applications
+    assert app.import_path == "serving.server.deployments:build_app"
+    assert LLMConfig.model_validate(app.args).model.max_model_len == 2048
+    assert document["controller_options"]["runtime_env"]["env_vars"] == SERVE_CONTROLLER_ENV
+    assert build_app(app.args) is not None
