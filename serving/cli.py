@@ -127,7 +127,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         where = f"a local Ray cluster at {cluster.address} (dashboard {cluster.dashboard_url})"
     url = deploy(config, timeout_s=args.timeout)
     model = _get_json(f"{url}/v1/models")["data"][0]["id"]
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    body = json.dumps({"model": model, "messages": question, "max_tokens": 64})
     print(f"Serving {model} at {url}/v1 on {where}; ready after {time.monotonic() - started:.1f} s.")
     print(f"Try it:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'")
     print("Stop it: llmcluster shutdown")
@@ -194,17 +195,17 @@ def _chat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ray import serve
 
-    from serving.server.deployments import LLMDeployment
+    from serving.server.llm_replica import LLMDeployment
 
     where = _connect(args)
     app = serve.status().applications.get(args.app_name)
     if app is None:
         print(f"No application {args.app_name!r} on {where}.")
         return 1
-    print(f"Application {args.app_name!r} on {where}: {app.status}")
+    print(f"Application {args.app_name!r} on {where}: {app.status.value}")
     for name, deployment in app.deployments.items():
         replicas = ", ".join(f"{count} {state}" for state, count in deployment.replica_states.items()) or "none"
-        print(f"  {name}: {deployment.status}; replicas: {replicas}")
+        print(f"  {name}: {deployment.status.value}; replicas: {replicas}")
     if app.status == "RUNNING":
         stats = serve.get_deployment_handle(LLMDeployment.name, args.app_name).stats.remote().result(timeout_s=30)
         print(

@@ -247,6 +247,7 @@ def test_unknown_route_is_404_in_openai_format(server):
 
 
 def _long_stream(server: str) -> requests.Response:
+    """A streaming request that would run for a minute."""
     body = COMPLETION | {"max_tokens": 800, "ignore_eos": True, "stream": True}
     return requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120)
 
@@ -283,25 +284,24 @@ def test_full_queue_gets_503_with_retry_after(server):
     assert wait_until_idle(server)["llmcluster_engine_running_requests"] == 0
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
-def test_disconnect_aborts_the_request(server, stream):
+@pytest.mark.parametrize("prompts, stream", [(["Hi"], True), (["Hi", "Hello"], True), (["Hi"], False)], ids=["stream", "stream-2-prompts", "non-stream"])
+def test_disconnect_aborts_the_request(server, prompts, stream):
     idle = wait_until_idle(server)
     assert idle["llmcluster_kv_cache_used_blocks"] == 0
+    body = COMPLETION | {"prompt": prompts, "max_tokens": 800, "ignore_eos": True, "stream": stream}
     if stream:
-        response = _long_stream(server)
-        lines = response.iter_lines()
-        assert next(line for line in lines if line).startswith(b"data: ")
+        response = requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120)
+        assert next(line for line in response.iter_lines() if line).startswith(b"data: ")
         close: Callable[[], None] = response.close
     else:
-        body = COMPLETION | {"max_tokens": 800, "ignore_eos": True}
         thread = threading.Thread(target=_post_and_give_up, args=(f"{server}/v1/completions", body))
         thread.start()
         close = thread.join  # the client gives up after a few seconds
     busy = engine_state(server)
     deadline = time.monotonic() + 30
-    while busy["llmcluster_engine_running_requests"] == 0 and time.monotonic() < deadline:
+    while busy["llmcluster_engine_running_requests"] < len(prompts) and time.monotonic() < deadline:
         busy = engine_state(server)
-    assert busy["llmcluster_engine_running_requests"] == 1 and busy["llmcluster_kv_cache_used_blocks"] > 0
+    assert busy["llmcluster_engine_running_requests"] == len(prompts) and busy["llmcluster_kv_cache_used_blocks"] > 0
     close()
     after = wait_until_idle(server)
     assert after["llmcluster_engine_running_requests"] == 0 and after["llmcluster_kv_cache_used_blocks"] == 0

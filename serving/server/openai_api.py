@@ -5,15 +5,14 @@ fields into `SamplingParams`, and shapes the engine's deltas into OpenAI's respo
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from serving.config import LimitsConfig
 from serving.engine.sampling_params import SamplingParams
@@ -31,13 +30,12 @@ from serving.server.openai_protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
-    _SamplingRequest,
+    SamplingRequest,
 )
+from serving.server.streams import close_all, gather_or_cancel, merge
 from serving.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # request fields that map one to one onto SamplingParams; None means "the engine's default"
 _SAMPLING_FIELDS = (
@@ -127,7 +125,7 @@ class OpenAIServing:
             raise model_not_found(name)
         return info
 
-    def _params(self, request: _SamplingRequest, **overrides: Any) -> SamplingParams:
+    def _params(self, request: SamplingRequest, **overrides: Any) -> SamplingParams:
         if request.stream_options is not None and not request.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
         if request.n is not None and request.n > self.limits.max_n:
@@ -141,14 +139,14 @@ class OpenAIServing:
         if not job.stream:
             with _engine_errors(job.param_names):
                 calls = [self.backend.complete(p.token_ids, job.params, rid) for p, rid in zip(job.prompts, ids)]
-                results = await _gather(calls)
+                results = await gather_or_cancel(calls)
             return self._response(job, request_id, results)
         streams = [self.backend.generate(p.token_ids, job.params, rid) for p, rid in zip(job.prompts, ids)]
         try:
             with _engine_errors(job.param_names):
                 firsts = [await anext(stream) for stream in streams]  # errors surface before the response starts
         except BaseException:
-            await _close(streams)
+            await close_all(streams)
             raise
         return self._events(job, request_id, streams, firsts)
 
@@ -174,10 +172,11 @@ class OpenAIServing:
                 for index in range(n):
                     if (opening := fmt.opening(i * n + index, job.prompts[i], first)) is not None:
                         yield _event(head | {"choices": [opening]})
-            async for i, delta in _merge(streams, firsts):
-                for c in delta.choices:
-                    completion_tokens += len(c.token_ids)
-                    yield _event(head | {"choices": [fmt.chunk_choice(i * n + c.index, c)]})
+            async with aclosing(merge(streams, firsts)) as merged:
+                async for i, delta in merged:
+                    for c in delta.choices:
+                        completion_tokens += len(c.token_ids)
+                        yield _event(head | {"choices": [fmt.chunk_choice(i * n + c.index, c)]})
             if job.include_usage:
                 usage = _usage(sum(f.num_prompt_tokens for f in firsts), completion_tokens)
                 yield _event(head | {"choices": [], "usage": usage})
@@ -188,7 +187,7 @@ class OpenAIServing:
                 logger.exception("request %s failed mid-stream", request_id)
             yield _event(api_error.body())
         finally:
-            await _close(streams)
+            await close_all(streams)
 
 
 def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
@@ -222,7 +221,7 @@ def chat_prompt_ids(tokenizer: Tokenizer, conversation: list[dict[str, str]]) ->
     return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
 
-def _include_usage(request: _SamplingRequest) -> bool:
+def _include_usage(request: SamplingRequest) -> bool:
     return request.stream_options is not None and request.stream_options.include_usage
 
 
@@ -249,53 +248,3 @@ def _engine_errors(param_names: Mapping[str, str]) -> Iterator[None]:
         yield
     except LLMClusterError as error:
         raise from_engine_error(error, param_names) from error
-
-
-async def _gather(calls: list[Awaitable[T]]) -> list[T]:
-    """All results, or the first error with the other calls cancelled."""
-    tasks = [asyncio.ensure_future(call) for call in calls]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def _merge(streams: list[AsyncIterator[T]], firsts: list[T]) -> AsyncIterator[tuple[int, T]]:
-    """(stream number, item) of several streams, in arrival order, starting with their first items."""
-    for i, first in enumerate(firsts):
-        yield i, first
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
-        return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    end = object()
-
-    async def pump(i: int, stream: AsyncIterator[T]) -> None:
-        try:
-            async for item in stream:
-                queue.put_nowait((i, item))
-            queue.put_nowait((i, end))
-        except Exception as error:  # noqa: BLE001 - handed to the consumer, which raises it
-            queue.put_nowait((i, error))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is end:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def _close(streams: list[AsyncIterator[GenerationDelta]]) -> None:
-    for stream in streams:
-        await stream.aclose()  # type: ignore[attr-defined]

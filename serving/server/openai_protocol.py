@@ -19,7 +19,9 @@ class StreamOptions(_Body):
     include_usage: bool = Field(False, description="Send a last chunk with the token usage of the whole request.")
 
 
-class _SamplingRequest(_Body):
+class SamplingRequest(_Body):
+    """The fields completions and chat completions share."""
+
     model: str = Field(description="The served model's name, as listed by GET /v1/models.")
     n: int | None = Field(None, description="Completions to generate for each prompt.")
     max_tokens: int | None = Field(None, description="Most tokens to generate per completion.")
@@ -38,7 +40,7 @@ class _SamplingRequest(_Body):
     ignore_eos: bool | None = Field(None, description="Beyond OpenAI: keep generating past end-of-sequence tokens.")
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="A prompt, a list of prompts, token ids, or a list of token id lists."
     )
@@ -65,7 +67,7 @@ class ResponseFormat(_Body):
     type: Literal["text"] = Field(description="Only plain text is supported.")
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_completion_tokens: int | None = Field(None, description="Most tokens to generate; overrides max_tokens.")
     logprobs: bool = Field(False, description="Return the logprob of each generated token.")
