@@ -128,7 +128,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     url = deploy(config, timeout_s=args.timeout)
     model = _get_json(f"{url}/v1/models")["data"][0]["id"]
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    body = json.dumps({"model": model, "messages": question, "max_tokens": 64})
+    body = json.dumps({"model": model, "messages": question, "max_tokens": 64, "temperature": 0})
     print(f"Serving {model} at {url}/v1 on {where}; ready after {time.monotonic() - started:.1f} s.")
     print(f"Try it:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'")
     print("Stop it: llmcluster shutdown")
