@@ -4,7 +4,8 @@
     python -m benchmarks.serving_overhead --requests 20 --output-len 128
 
 1. Direct, in this process: the median time to first token of one request at a time through
-   AsyncLLMEngine, and the offline throughput of 32 requests stepped to completion by LLMEngine.
+   AsyncLLMEngine, the offline throughput of 32 requests stepped to completion by LLMEngine, and
+   (for reference) the throughput of 32 concurrent requests through AsyncLLMEngine.
 2. Served: the same config deployed on a local Ray cluster (`deploy`, as `llmcluster serve` does),
    called over HTTP with the same prompts (aiohttp, a lean client on the same cores): median time to
    first streamed token at concurrency 1, and output throughput at concurrency 32, streaming and not.
@@ -60,6 +61,19 @@ def offline_throughput(engine: AsyncLLMEngine, texts: list[str], output_len: int
     return len(texts) * output_len / (time.perf_counter() - start)
 
 
+async def async_throughput(engine: AsyncLLMEngine, texts: list[str], output_len: int) -> float:
+    """Concurrent requests through AsyncLLMEngine in this process: the engine as the replica runs it."""
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+
+    async def one(text: str) -> None:
+        async for _ in engine.generate(text, params):
+            pass
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(text) for text in texts))
+    return len(texts) * output_len / (time.perf_counter() - start)
+
+
 async def served_ttft(session: aiohttp.ClientSession, url: str, model: str, texts: list[str]) -> list[float]:
     times = []
     for text in texts:
@@ -101,7 +115,8 @@ async def measure_direct(config: LLMConfig, args: argparse.Namespace) -> dict[st
     ttft = statistics.median(await direct_ttft(engine, prompts(args.requests)))
     offline_throughput(engine, prompts(4), 4)  # warm-up
     throughput = offline_throughput(engine, prompts(args.concurrency), args.output_len)
-    return {"ttft_ms": ttft * 1000, "throughput_tok_s": throughput}
+    concurrent = await async_throughput(engine, prompts(args.concurrency), args.output_len)
+    return {"ttft_ms": ttft * 1000, "throughput_tok_s": throughput, "async_throughput_tok_s": concurrent}
 
 
 async def measure_served(url: str, args: argparse.Namespace) -> dict[str, float]:
@@ -163,7 +178,8 @@ def main() -> None:
         f"(+{result['ttft_overhead_ms']:.1f} ms)\n"
         f"Output throughput at concurrency {args.concurrency}: served {served['throughput_tok_s']:.0f} tok/s "
         f"({result['throughput_ratio']:.0%} of offline {direct['throughput_tok_s']:.0f} tok/s), "
-        f"streamed {served['throughput_stream_tok_s']:.0f} tok/s ({result['throughput_ratio_streaming']:.0%})"
+        f"streamed {served['throughput_stream_tok_s']:.0f} tok/s ({result['throughput_ratio_streaming']:.0%}); "
+        f"AsyncLLMEngine alone, in process: {direct['async_throughput_tok_s']:.0f} tok/s"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -20,6 +20,8 @@ import time
 import urllib.request
 from typing import Any
 
+import psutil
+
 from serving.config import ServerConfig
 from serving.config_flags import add_config_flags, config_from_args
 from serving.engine.sampling_params import SamplingParams
@@ -41,6 +43,7 @@ _DEFAULT_SERVER = ServerConfig()
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines are for operators, not here
     try:
         return args.run(args, args.parser)
     except (LLMClusterError, RuntimeError, TimeoutError) as error:
@@ -115,8 +118,6 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from serving.server.deployments import deploy
 
     config = config_from_args(args, parser)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    started = time.monotonic()
     if args.address:
         local.connect(args.address, token_auth=False)
         where = f"the Ray cluster at {args.address}"
@@ -129,7 +130,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     model = _get_json(f"{url}/v1/models")["data"][0]["id"]
     question = [{"role": "user", "content": "What is the capital of France?"}]
     body = json.dumps({"model": model, "messages": question, "max_tokens": 64, "temperature": 0})
-    print(f"Serving {model} at {url}/v1 on {where}; ready after {time.monotonic() - started:.1f} s.")
+    since_start = time.time() - psutil.Process().create_time()
+    print(f"Serving {model} at {url}/v1 on {where}; ready {since_start:.1f} s after this command started.")
     print(f"Try it:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'")
     print("Stop it: llmcluster shutdown")
     return 0

@@ -28,12 +28,15 @@ from serving.server.http_errors import overloaded
 from serving.server.llm_replica import LLMDeployment
 from serving.server.messages import EngineStats, GenerationDelta, ModelInfo
 
-# Environment of the Serve controller (and the proxies it starts). On 2 cores that are also loading
-# a model, a proxy can take longer than Serve's default 5 s to report ready, and is then restarted
-# over and over; these give it time.
+# Environment of the Serve controller, inherited by the proxies and replicas it starts.
 SERVE_CONTROLLER_ENV = {
+    # On 2 cores that are also loading a model, a proxy can take longer than Serve's default 5 s
+    # to report ready, and is then restarted over and over.
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+    # Our replicas never block their event loop (engine steps run in a worker thread), so user code
+    # can share the replica's loop instead of a second thread: one thread hop less per streamed delta.
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
 API_HEADROOM_REQUESTS = 64  # API requests beyond the LLM capacity, for /health, /metrics and /v1/models
 
