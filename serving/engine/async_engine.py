@@ -28,10 +28,6 @@ class AsyncLLMEngine:
         self.dead_error: BaseException | None = None
         self.last_progress = time.monotonic()  # last time a step produced tokens (or the engine was idle)
 
-    @property
-    def is_running(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
-
     def seconds_without_progress(self) -> float:
         """How long the engine has had work but produced nothing (0 while idle)."""
         if not self.engine.has_unfinished_requests():

@@ -36,14 +36,12 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         self.model_name = config.model.served_name or self.model_dir.name
         self.tokenizer = Tokenizer.from_folder(self.model_dir)
-        started = time.monotonic()
         if config.parallel.world_size > 1:  # the model lives in Ray worker actors
             from serving.parallel.ray_executor import RayExecutor
 
             self.runner = RayExecutor(self.model_dir, self.arch, config, self.max_model_len)
         else:
             self.runner = ModelRunner(self.model_dir, self.arch, config.model, config.engine, self.max_model_len, tp)
-        self.load_seconds = time.monotonic() - started
         self.blocks = BlockManager(self.runner.num_blocks, config.engine.block_size, config.engine.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.engine, config.parallel.pipeline_parallel)
         self.requests: dict[str, Request] = {}

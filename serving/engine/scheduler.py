@@ -7,7 +7,6 @@ order while budget, sequence slots and blocks last; a long prompt is split into 
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -87,9 +86,6 @@ class Scheduler:
             if item.seq.status is SeqStatus.FINISHED:
                 self.blocks.free(item.seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
@@ -142,8 +138,6 @@ class Scheduler:
                 break
             self.blocks.mark_in_flight(seq)
             seq.status = SeqStatus.RUNNING
-            if seq.request.first_scheduled_time is None:
-                seq.request.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n

@@ -65,7 +65,6 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
-    first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
     @property
