@@ -43,3 +43,18 @@ def max_logprob_error(output, reference: torch.Tensor) -> float:
         errors.append(abs(chosen - row[completion.token_ids[i]].item()))
         errors += [abs(v - row[t].item()) for t, v in top.items()]
     return max(errors)
+
+
+def output_summary(output) -> tuple:
+    """(token ids, output logprobs, prompt logprobs) of a request's first completion."""
+    return output.outputs[0].token_ids, output.outputs[0].logprobs, output.prompt_logprobs
+
+
+def max_summary_difference(a: list[tuple], b: list[tuple]) -> float:
+    """Largest logprob difference between two runs' summaries (chosen tokens and shared top-k)."""
+    diffs = [0.0]
+    for (_, lp_a, plp_a), (_, lp_b, plp_b) in zip(a, b):
+        for x, y in zip(lp_a + [e for e in plp_a if e], lp_b + [e for e in plp_b if e]):
+            diffs.append(abs(x[0] - y[0]))
+            diffs += [abs(v - y[1][t]) for t, v in x[1].items() if t in y[1]]
+    return max(diffs)

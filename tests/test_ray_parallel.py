@@ -6,6 +6,7 @@ started by the test. Outputs must equal the single-worker engine's.
 from __future__ import annotations
 
 import pytest
+from reference import max_summary_difference, output_summary
 import ray
 from ray.cluster_utils import Cluster
 
@@ -38,25 +39,17 @@ def _config(folder, tp: int, pp: int, **engine) -> LLMConfig:
     )
 
 
-def _summary(outputs):
-    return [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for o in outputs]
 
 
-def _max_difference(a, b) -> float:
-    diffs = [0.0]
-    for (_, lp_a, plp_a), (_, lp_b, plp_b) in zip(a, b):
-        for x, y in zip(lp_a + [e for e in plp_a if e], lp_b + [e for e in plp_b if e]):
-            diffs += [abs(x[0] - y[0])] + [abs(v - y[1][t]) for t, v in x[1].items() if t in y[1]]
-    return max(diffs)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_parallel_layouts_match_single_worker(cluster, tiny_model, tp, pp):
-    reference = _summary(LLM(config=_config(tiny_model, 1, 1)).generate(PROMPTS, PARAMS, use_tqdm=False))
+    reference = [output_summary(o) for o in LLM(config=_config(tiny_model, 1, 1)).generate(PROMPTS, PARAMS, use_tqdm=False)]
     llm = LLM(config=_config(tiny_model, tp, pp, max_num_batched_tokens=16))
     try:
-        outputs = _summary(llm.generate(PROMPTS, PARAMS, use_tqdm=False))
+        outputs = [output_summary(o) for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
         nodes = llm.engine.runner.node_ids()
         stage_nodes = [nodes[s * tp] for s in range(pp)]
         assert all(nodes[s * tp + r] == stage_nodes[s] for s in range(pp) for r in range(tp))  # a TP group shares a node
@@ -64,7 +57,7 @@ def test_parallel_layouts_match_single_worker(cluster, tiny_model, tp, pp):
     finally:
         llm.engine.runner.shutdown()
     assert [o[0] for o in outputs] == [r[0] for r in reference]
-    assert _max_difference(outputs, reference) < 1e-4
+    assert max_summary_difference(outputs, reference) < 1e-4
 
 
 @pytest.mark.slow
@@ -75,14 +68,14 @@ def test_default_model_parallel_matches_single_worker(cluster, default_model, tp
         engine=EngineConfig(kv_cache_memory_gb=0.05),
         parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp),
     )
-    reference = _summary(LLM(config=config.model_copy(update={"parallel": ParallelConfig()})).generate(PROMPTS, PARAMS, use_tqdm=False))
+    reference = [output_summary(o) for o in LLM(config=config.model_copy(update={"parallel": ParallelConfig()})).generate(PROMPTS, PARAMS, use_tqdm=False)]
     llm = LLM(config=config)
     try:
-        outputs = _summary(llm.generate(PROMPTS, PARAMS, use_tqdm=False))
+        outputs = [output_summary(o) for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
     finally:
         llm.engine.runner.shutdown()
     assert [o[0] for o in outputs] == [r[0] for r in reference]
-    assert _max_difference(outputs, reference) < 1e-4
+    assert max_summary_difference(outputs, reference) < 1e-4
 
 
 @pytest.mark.slow

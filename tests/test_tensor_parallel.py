@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from reference import max_summary_difference, output_summary
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -32,7 +33,7 @@ def _rank(rank: int, size: int, port: int, config: LLMConfig, results) -> None:
         outputs = {}
         while engine.has_unfinished_requests():
             outputs |= {o.request_id: o for o in engine.step() if o.finished}
-        results.put((rank, [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for _, o in sorted(outputs.items())]))
+        results.put((rank, [output_summary(o) for _, o in sorted(outputs.items())]))
     finally:
         dist.destroy_process_group()
 
@@ -51,21 +52,14 @@ def run_tensor_parallel(config: LLMConfig, size: int) -> dict[int, list]:
     return gathered
 
 
-def _max_difference(a, b) -> float:
-    diffs = [0.0]
-    for (_, lp_a, plp_a), (_, lp_b, plp_b) in zip(a, b):
-        for x, y in zip(lp_a + [e for e in plp_a if e], lp_b + [e for e in plp_b if e]):
-            diffs.append(abs(x[0] - y[0]))
-            diffs += [abs(v - y[1][t]) for t, v in x[1].items() if t in y[1]]
-    return max(diffs)
 
 
 def check_against_single(config: LLMConfig, size: int) -> None:
     single = LLM(config=config).generate(PROMPTS, SamplingParams(**PARAMS), use_tqdm=False)
-    reference = [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for o in single]
+    reference = [output_summary(o) for o in single]
     for rank, outputs in run_tensor_parallel(config, size).items():
         assert [o[0] for o in outputs] == [r[0] for r in reference], f"rank {rank}"
-        assert _max_difference(outputs, reference) < 1e-4
+        assert max_summary_difference(outputs, reference) < 1e-4
 
 
 @pytest.mark.parametrize("size", [2, 4], ids=["tp2", "tp4-replicated-kv"])
