@@ -195,26 +195,12 @@ def _chat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ray import serve
-
-    from serving.server.llm_replica import LLMDeployment
+    from serving.server.status import status_report
 
     where = _connect(args)
-    app = serve.status().applications.get(args.app_name)
-    if app is None:
-        print(f"No application {args.app_name!r} on {where}.")
-        return 1
-    print(f"Application {args.app_name!r} on {where}: {app.status.value}")
-    for name, deployment in app.deployments.items():
-        replicas = ", ".join(f"{count} {state}" for state, count in deployment.replica_states.items()) or "none"
-        print(f"  {name}: {deployment.status.value}; replicas: {replicas}")
-    if app.status == "RUNNING":
-        stats = serve.get_deployment_handle(LLMDeployment.name, args.app_name).stats.remote().result(timeout_s=30)
-        print(
-            f"  engine of replica {stats.replica} ({stats.model}): {stats.num_running} running, {stats.num_waiting} waiting, "
-            f"KV cache {stats.kv_cache_usage:.0%} of {stats.kv_blocks_total} blocks"
-        )
-    return 0
+    found, report = status_report(args.app_name)
+    print(f"On {where}:\n{report}")
+    return 0 if found else 1
 
 
 def _shutdown(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

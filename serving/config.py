@@ -74,6 +74,18 @@ class LimitsConfig(_Strict):
     max_n: int = Field(16, gt=0, description="Most completions (n) one request may ask for.")
 
 
+class AutoscalingConfig(_Strict):
+    """How LLM replicas scale between min_replicas and max_replicas: on waiting requests, KV cache usage
+    and time to first token per replica, ahead of the load trend by the measured replica start-up time."""
+
+    target_waiting_requests: float = Field(2.0, gt=0, description="Waiting requests per replica to aim for; more add replicas.")
+    target_kv_cache_usage: float = Field(0.8, gt=0, le=1, description="KV cache usage (0..1) per replica to aim for.")
+    target_ttft_s: float = Field(2.0, gt=0, description="Mean time to first token in seconds to aim for.")
+    look_back_period_s: float = Field(10.0, gt=1, description="Seconds over which replica metrics are averaged and the trend is taken.")
+    downscale_delay_s: float = Field(120.0, ge=0, description="Quiet period: seconds the load must stay low before replicas are removed.")
+    drain_timeout_s: float = Field(300.0, gt=0, description="Seconds a replica being removed may take to finish its requests.")
+
+
 class ServerConfig(_Strict):
     """The OpenAI-compatible HTTP API and its Ray Serve deployments."""
 
@@ -82,7 +94,7 @@ class ServerConfig(_Strict):
     app_name: str = Field("llm", min_length=1, description="Name of the Ray Serve application.")
     min_replicas: int = Field(1, ge=1, description="LLM replicas (one engine each) to start with and keep at least.")
     max_replicas: int = Field(
-        1, ge=1, description="Upper bound of LLM replicas; above min_replicas Serve scales on ongoing requests."
+        1, ge=1, description="Upper bound of LLM replicas; above min_replicas Serve scales on the autoscaling signals."
     )
     max_ongoing_requests: int = Field(
         128, gt=0, description="Requests one LLM replica holds at once (running plus waiting in its engine)."
@@ -94,7 +106,11 @@ class ServerConfig(_Strict):
     stall_timeout_s: float = Field(
         60.0, gt=0, description="Seconds an engine may have work without progress before it counts as unhealthy."
     )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of each node's metrics endpoint for Prometheus; 0 picks a free one."
+    )
     limits: LimitsConfig = LimitsConfig()
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> "ServerConfig":

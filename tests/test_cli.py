@@ -104,7 +104,7 @@ def test_serve_status_chat_shutdown_on_a_local_cluster(tiny_model, tmp_path):
 
         status = llmcluster("status", env=env)
         assert status.returncode == 0, status.stderr
-        assert "RUNNING" in status.stdout and re.search(r"engine of replica \w+ \(tiny-llama\): 0 running", status.stdout)
+        assert "RUNNING" in status.stdout and re.search(r"\w+ +tiny-llama +1×1 +0 +0 ", status.stdout)
 
         chat = llmcluster("chat", "--url", f"http://127.0.0.1:{port}", "--max-tokens", "4", env=env, stdin="Hi there\n/exit\n")
         assert chat.returncode == 0, chat.stderr

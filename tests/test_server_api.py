@@ -66,7 +66,7 @@ def wait_until_idle(server: str, timeout_s: float = 20.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout_s
     while True:
         state = engine_state(server)
-        idle = state["llmcluster_engine_running_requests"] == 0 and state["llmcluster_kv_cache_used_blocks"] == 0
+        idle = state["llmcluster_requests_running"] == 0 and state["llmcluster_kv_cache_usage_ratio"] == 0
         if idle or time.monotonic() > deadline:
             return state
         time.sleep(0.2)
@@ -281,13 +281,13 @@ def test_full_queue_gets_503_with_retry_after(server):
     for status, retry_after, body in answers:
         if status == 503:
             assert retry_after == "1" and json.loads(body)["error"]["code"] == "overloaded"
-    assert wait_until_idle(server)["llmcluster_engine_running_requests"] == 0
+    assert wait_until_idle(server)["llmcluster_requests_running"] == 0
 
 
 @pytest.mark.parametrize("prompts, stream", [(["Hi"], True), (["Hi", "Hello"], True), (["Hi"], False)], ids=["stream", "stream-2-prompts", "non-stream"])
 def test_disconnect_aborts_the_request(server, prompts, stream):
     idle = wait_until_idle(server)
-    assert idle["llmcluster_kv_cache_used_blocks"] == 0
+    assert idle["llmcluster_kv_cache_usage_ratio"] == 0
     body = COMPLETION | {"prompt": prompts, "max_tokens": 800, "ignore_eos": True, "stream": stream}
     if stream:
         response = requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120)
@@ -299,12 +299,12 @@ def test_disconnect_aborts_the_request(server, prompts, stream):
         close = thread.join  # the client gives up after a few seconds
     busy = engine_state(server)
     deadline = time.monotonic() + 30
-    while busy["llmcluster_engine_running_requests"] < len(prompts) and time.monotonic() < deadline:
+    while busy["llmcluster_requests_running"] < len(prompts) and time.monotonic() < deadline:
         busy = engine_state(server)
-    assert busy["llmcluster_engine_running_requests"] == len(prompts) and busy["llmcluster_kv_cache_used_blocks"] > 0
+    assert busy["llmcluster_requests_running"] == len(prompts) and busy["llmcluster_kv_cache_usage_ratio"] > 0
     close()
     after = wait_until_idle(server)
-    assert after["llmcluster_engine_running_requests"] == 0 and after["llmcluster_kv_cache_used_blocks"] == 0
+    assert after["llmcluster_requests_running"] == 0 and after["llmcluster_kv_cache_usage_ratio"] == 0
 
 
 def _post_and_give_up(url: str, body: dict) -> None:
@@ -327,6 +327,6 @@ def test_health_and_metrics(server, client):
     families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
     counts = {(s.labels["route"], s.labels["status_class"]) for s in families["llmcluster_http_requests"].samples}
     assert {("/v1/completions", "2xx"), ("/v1/completions", "4xx"), ("/v1/chat/completions", "2xx"), ("/health", "2xx")} <= counts
-    for name in ("engine_running_requests", "engine_waiting_requests", "kv_cache_usage_ratio", "kv_cache_blocks"):
+    for name in ("requests_running", "requests_waiting", "kv_cache_usage_ratio", "replica_healthy"):
         [sample] = families[f"llmcluster_{name}"].samples
         assert sample.labels["model"] == MODEL and sample.labels["replica"]

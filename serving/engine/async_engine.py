@@ -15,6 +15,7 @@ from serving.config import LLMConfig
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import RequestOutput
+from serving.engine.stats import EngineStepStats
 from serving.errors import EngineDeadError, InvalidRequestError, LLMClusterError
 
 
@@ -62,6 +63,11 @@ class AsyncLLMEngine:
             self._streams.pop(request_id, None)
             if not finished:  # closed early, cancelled or failed: make sure the engine lets it go
                 await asyncio.shield(self.abort(request_id))
+
+    def take_stats(self) -> EngineStepStats:
+        """What the engine measured since the last call (see LLMEngine.take_stats); blocks while a step runs."""
+        with self._lock:
+            return self.engine.take_stats()
 
     async def abort(self, request_id: str) -> None:
         await asyncio.to_thread(self._abort_locked, request_id)

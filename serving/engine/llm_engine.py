@@ -15,6 +15,7 @@ from serving.engine.sampler import sample, top_logprobs
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from serving.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
+from serving.engine.stats import EngineStepStats
 from serving.errors import ContextLengthError, InvalidRequestError
 from serving.models.arch import ModelArch
 from serving.models.source import resolve_model
@@ -36,17 +37,20 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         self.model_name = config.model.served_name or self.model_dir.name
         self.tokenizer = Tokenizer.from_folder(self.model_dir)
+        load_started = time.monotonic()
         if config.parallel.world_size > 1:  # the model lives in Ray worker actors
             from serving.parallel.ray_executor import RayExecutor
 
             self.runner = RayExecutor(self.model_dir, self.arch, config, self.max_model_len)
         else:
             self.runner = ModelRunner(self.model_dir, self.arch, config.model, config.engine, self.max_model_len, tp)
+        self.model_load_s = time.monotonic() - load_started
         self.blocks = BlockManager(self.runner.num_blocks, config.engine.block_size, config.engine.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.engine, config.parallel.pipeline_parallel)
         self.requests: dict[str, Request] = {}
         self.pipeline_depth = config.parallel.pipeline_parallel
         self.in_flight: deque[tuple[SchedulerOutput, list[SeqChunk], object]] = deque()
+        self.stats = EngineStepStats()
 
     def _max_model_len(self) -> int:
         limit = self.arch.max_position_embeddings
@@ -108,6 +112,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+        self.stats.record_finished(request)
         return self._output(request)
 
     # the step
@@ -128,6 +133,7 @@ class LLMEngine:
             chunks = [self._chunk(item) for item in scheduled.scheduled]
             handle = self.runner.submit(StepInput(chunks, scheduled.block_copies))
             self.scheduler.launched(scheduled)
+            self.stats.record_scheduled(scheduled.scheduled)
             self.in_flight.append((scheduled, chunks, handle))
         if not self.in_flight:
             return []
@@ -148,6 +154,7 @@ class LLMEngine:
             outputs.append(self._output(request))
             if request.is_finished:
                 del self.requests[request.request_id]
+                self.stats.record_finished(request)
         return outputs
 
     @staticmethod
@@ -188,9 +195,8 @@ class LLMEngine:
                 request.prompt_logprobs.append(top_logprobs(log_probs[i], request.prompt_token_ids[target], request.params.prompt_logprobs))
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> None:
-        request, params = seq.request, seq.request.params
-        if request.first_token_time is None:
-            request.first_token_time = time.monotonic()
+        params = seq.request.params
+        self.stats.record_token(seq)
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -252,6 +258,11 @@ class LLMEngine:
         )
 
     # state for metrics and health
+
+    def take_stats(self) -> EngineStepStats:
+        """What the steps since the previous call measured; starts a new collection."""
+        stats, self.stats = self.stats, EngineStepStats()
+        return stats
 
     @property
     def num_running(self) -> int:

@@ -42,6 +42,7 @@ class Sequence:
         self.generator: torch.Generator | None = None
         self.num_emitted_tokens = 0  # output tokens already reported to the caller
         self.num_emitted_chars = 0
+        self.last_token_time: float | None = None  # when the latest output token was sampled (metrics)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -66,6 +67,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     first_token_time: float | None = None
+    scheduled_time: float | None = None  # first time a step computed any of it (metrics)
 
     @property
     def num_prompt_tokens(self) -> int:

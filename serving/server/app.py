@@ -3,34 +3,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client.metrics_core import Metric
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.config import ServerConfig
-from serving.metrics import CONTENT_TYPE, APIMetrics
+from serving.metrics import CONTENT_TYPE
+from serving.metrics.api import APIMetrics
+from serving.metrics.export import merge, render
 from serving.server.http_errors import APIError, internal_error
 from serving.server.openai_api import LLMBackend, OpenAIServing
 from serving.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 10.0  # how long /health and /metrics wait for an LLM replica to answer
+PROBE_TIMEOUT_S = 10.0  # how long /health waits for an LLM replica to answer
 
 
-def create_app(backend: LLMBackend, config: ServerConfig) -> FastAPI:
+def create_app(
+    backend: LLMBackend, config: ServerConfig, metrics: APIMetrics, cluster_metrics: Callable[[], Awaitable[list[Metric]]]
+) -> FastAPI:
+    """The API; GET /metrics answers `metrics` and what `cluster_metrics` gathers from every other process."""
     serving = OpenAIServing(backend, config.limits)
-    metrics = APIMetrics()
     app = FastAPI(title="llm-cluster", summary="OpenAI-compatible LLM inference on Ray")
     app.add_middleware(_LimitBody, max_bytes=config.limits.max_body_bytes)
     app.add_middleware(_CountRequests, metrics=metrics)
-    _add_error_handlers(app, config)
+    _add_error_handlers(app, config, metrics)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -55,11 +61,8 @@ def create_app(backend: LLMBackend, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        try:
-            metrics.record_engine(await asyncio.wait_for(backend.stats(), PROBE_TIMEOUT_S))
-        except Exception:  # scrape what this replica knows; the engine gauges keep their last values
-            logger.warning("no engine stats for /metrics", exc_info=True)
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        families = merge([*metrics.registry.collect(), *await cluster_metrics()])
+        return Response(render(families), media_type=CONTENT_TYPE)
 
     return app
 
@@ -70,11 +73,13 @@ def _respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:
     return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _add_error_handlers(app: FastAPI, config: ServerConfig) -> None:
+def _add_error_handlers(app: FastAPI, config: ServerConfig, metrics: APIMetrics) -> None:
     """Every error leaves in OpenAI's format; only unexpected exceptions are 500s."""
 
     async def api_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, APIError)
+        if error.code == "overloaded":
+            metrics.rejected.inc()
         return error.response()
 
     async def validation_error(request: Request, error: Exception) -> Response:
@@ -148,7 +153,7 @@ class _LimitBody:
 
 
 class _CountRequests:
-    """ASGI middleware counting answered requests by route template and status class."""
+    """ASGI middleware counting answered requests by route template and status class, and timing them."""
 
     def __init__(self, app: ASGIApp, metrics: APIMetrics) -> None:
         self.app = app
@@ -158,6 +163,7 @@ class _CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = 500
+        started = time.monotonic()
 
         async def send_with_status(message: Message) -> None:
             nonlocal status
@@ -168,4 +174,4 @@ class _CountRequests:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            self.metrics.count_request(getattr(scope.get("route"), "path", "unmatched"), status)
+            self.metrics.count_request(getattr(scope.get("route"), "path", "unmatched"), status, time.monotonic() - started)

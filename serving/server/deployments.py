@@ -23,10 +23,13 @@ from ray.serve.handle import DeploymentHandle
 from serving.config import LLMConfig, ServerConfig
 from serving.engine.sampling_params import SamplingParams
 from serving.errors import InvalidRequestError, LLMClusterError
+from serving.metrics.api import APIMetrics
+from serving.metrics.export import MetricsPusher, cluster_families
 from serving.server.app import create_app
+from serving.server.autoscaling import autoscaling_config
 from serving.server.http_errors import overloaded
 from serving.server.llm_replica import LLMDeployment
-from serving.server.messages import EngineStats, GenerationDelta, ModelInfo
+from serving.server.messages import GenerationDelta, ModelInfo
 
 # Environment of the Serve controller, inherited by the proxies and replicas it starts.
 SERVE_CONTROLLER_ENV = {
@@ -37,6 +40,8 @@ SERVE_CONTROLLER_ENV = {
     # Our replicas never block their event loop (engine steps run in a worker thread), so user code
     # can share the replica's loop instead of a second thread: one thread hop less per streamed delta.
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    # Replicas report their autoscaling signals (queue, KV usage, TTFT) every second rather than every 10 s.
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 }
 API_HEADROOM_REQUESTS = 64  # API requests beyond the LLM capacity, for /health, /metrics and /v1/models
 
@@ -49,9 +54,15 @@ class APIIngress:
     def __init__(self, llm: DeploymentHandle, config: dict[str, Any]) -> None:
         self.config = LLMConfig.model_validate(config)
         self.backend = ServeLLMClient(llm, self.config.server.retry_after_s)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.metrics = APIMetrics(replica)
+        self._pusher = MetricsPusher(f"api-{replica}", self.metrics.registry, self.config.server.metrics_port)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self.backend, self.config.server)
+        return create_app(self.backend, self.config.server, self.metrics, lambda: cluster_families(exclude=self._pusher.source))
+
+    def __del__(self) -> None:
+        self._pusher.stop()
 
 
 class ServeLLMClient:
@@ -93,10 +104,6 @@ class ServeLLMClient:
             raise result
         return result
 
-    async def stats(self) -> EngineStats:
-        with self._errors():
-            return await self._handle.stats.remote()
-
     async def check_health(self) -> None:
         with self._errors():
             await self._handle.check_health.remote()
@@ -130,13 +137,11 @@ def _llm_options(server: ServerConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "max_ongoing_requests": server.max_ongoing_requests,
         "max_queued_requests": server.max_queued_requests,
+        # a replica being removed gets no new requests and finishes the ones it has for up to this long
+        "graceful_shutdown_timeout_s": server.autoscaling.drain_timeout_s,
     }
     if server.max_replicas > server.min_replicas:
-        options["autoscaling_config"] = {
-            "min_replicas": server.min_replicas,
-            "max_replicas": server.max_replicas,
-            "target_ongoing_requests": max(1, server.max_ongoing_requests // 2),
-        }
+        options["autoscaling_config"] = autoscaling_config(server)
     else:
         options["num_replicas"] = server.min_replicas
     return options

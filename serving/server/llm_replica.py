@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,8 +14,9 @@ from serving.config import LLMConfig
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.sampling_params import SamplingParams
 from serving.errors import EngineDeadError, InvalidRequestError
+from serving.metrics.export import MetricsPusher
+from serving.metrics.replica import EngineState, ReplicaMetrics
 from serving.server.messages import (
-    EngineStats,
     GenerationDelta,
     ModelInfo,
     engine_deltas,
@@ -28,6 +31,18 @@ class LLMDeployment:
         self.config = LLMConfig.model_validate(config)
         self.engine = AsyncLLMEngine(_with_threads(self.config))
         self.replica = serve.get_replica_context().replica_id.unique_id
+        parallel, engine = self.config.parallel, self.engine.engine
+        self.metrics = ReplicaMetrics(engine.model_name, self.replica, parallel.tensor_parallel, parallel.pipeline_parallel)
+        self.metrics.model_load.set(engine.model_load_s)
+        # from the start of this worker process: what adding a replica costs, which the autoscaler plans for
+        self.startup_s = time.time() - psutil.Process().create_time()
+        self.metrics.startup.set(self.startup_s)
+        self._recent_ttft: deque[tuple[float, float]] = deque()  # (when, seconds) within the look-back period
+        self._pusher = MetricsPusher(f"llm-{self.replica}", self.metrics.registry, self.config.server.metrics_port, self._refresh_metrics)
+
+    def __del__(self) -> None:
+        """Serve calls this when it removes the replica (after draining): its series leave the node's endpoint."""
+        self._pusher.stop()
 
     # A request the engine rejects is answered with the error as a value, not raised: it is the
     # client's fault, and Serve would log a raised one as a failure of this replica.
@@ -40,6 +55,9 @@ class LLMDeployment:
                 yield delta
         except InvalidRequestError as error:
             yield error
+        except EngineDeadError:
+            self.metrics.count_error()
+            raise
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> GenerationDelta | InvalidRequestError:
         result: GenerationDelta | None = None
@@ -48,6 +66,9 @@ class LLMDeployment:
                 result = delta if result is None else result.merge(delta)
         except InvalidRequestError as error:
             return error
+        except EngineDeadError:
+            self.metrics.count_error()
+            raise
         assert result is not None, "the engine finishes every request with an output"
         return result
 
@@ -55,26 +76,49 @@ class LLMDeployment:
         engine = self.engine.engine
         return ModelInfo(engine.model_name, engine.max_model_len, engine.tokenizer)
 
-    async def stats(self) -> EngineStats:
-        engine = self.engine.engine
-        blocks = engine.blocks
-        return EngineStats(
-            replica=self.replica,
-            model=engine.model_name,
-            num_running=engine.num_running,
-            num_waiting=engine.num_waiting,
-            kv_cache_usage=blocks.usage,
-            kv_blocks_used=blocks.num_blocks - blocks.num_free_blocks,
-            kv_blocks_total=blocks.num_blocks,
-        )
-
     async def check_health(self) -> None:
         """Serve calls this periodically and restarts the replica while it raises."""
+        if (problem := self._health_problem()) is not None:
+            raise EngineDeadError(problem)
+
+    def _health_problem(self) -> str | None:
         if self.engine.dead_error is not None:
-            raise EngineDeadError(f"the engine stopped: {self.engine.dead_error!r}")
+            return f"the engine stopped: {self.engine.dead_error!r}"
         stalled = self.engine.seconds_without_progress()
         if stalled > self.config.server.stall_timeout_s:
-            raise EngineDeadError(f"the engine has had work but made no progress for {stalled:.0f} s")
+            return f"the engine has had work but made no progress for {stalled:.0f} s"
+        return None
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler averages these per replica over the look-back period (serving/server/autoscaling.py)."""
+        engine = self.engine.engine
+        ttfts = [ttft for _, ttft in self._recent_ttft]
+        return {
+            "waiting": engine.num_waiting,
+            "running": engine.num_running,
+            "kv_cache_usage": engine.blocks.usage,
+            "ttft_s": sum(ttfts) / len(ttfts) if ttfts else 0.0,
+            "startup_s": self.startup_s,
+        }
+
+    def _refresh_metrics(self) -> None:
+        """Runs in the metrics pusher's thread before each push."""
+        engine = self.engine.engine
+        step = self.engine.take_stats()
+        state = EngineState(
+            num_running=engine.num_running,
+            num_waiting=engine.num_waiting,
+            kv_cache_usage=engine.blocks.usage,
+            prefix_cache_queries=engine.blocks.prefix_queries,
+            prefix_cache_hits=engine.blocks.prefix_hits,
+            preemptions=engine.scheduler.num_preemptions,
+            healthy=self._health_problem() is None,
+        )
+        self.metrics.update(state, step)
+        now = time.monotonic()
+        self._recent_ttft.extend((now, ttft) for ttft in step.time_to_first_token_s)
+        while self._recent_ttft and self._recent_ttft[0][0] < now - self.config.server.autoscaling.look_back_period_s:
+            self._recent_ttft.popleft()
 
 
 def _with_threads(config: LLMConfig) -> LLMConfig:

@@ -1,4 +1,4 @@
-"""The plain data LLM replicas send to API replicas: compact output deltas, model facts, engine state.
+"""The plain data LLM replicas send to API replicas: compact output deltas and model facts.
 
 The engine reports each request's full text and token lists on every step; across a process
 boundary only what changed is worth sending, so `engine_deltas` turns its outputs into deltas.
@@ -56,19 +56,6 @@ class ModelInfo:
     name: str
     max_model_len: int
     tokenizer: Tokenizer
-
-
-@dataclass
-class EngineStats:
-    """One replica's engine state, for /metrics and `llmcluster status`."""
-
-    replica: str
-    model: str
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # 0..1, blocks held by live sequences
-    kv_blocks_used: int
-    kv_blocks_total: int
 
 
 async def engine_deltas(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[GenerationDelta]:

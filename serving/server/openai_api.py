@@ -25,7 +25,7 @@ from serving.server.http_errors import (
     internal_error,
     model_not_found,
 )
-from serving.server.messages import EngineStats, GenerationDelta, ModelInfo
+from serving.server.messages import GenerationDelta, ModelInfo
 from serving.server.openai_protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -56,8 +56,6 @@ class LLMBackend(Protocol):
     async def complete(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> GenerationDelta:
         """The whole output of a request as one delta."""
         ...
-
-    async def stats(self) -> EngineStats: ...
 
     async def check_health(self) -> None:
         """Raise unless the engine is alive and making progress."""

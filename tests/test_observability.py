@@ -1,0 +1,192 @@
+"""End to end: a real Prometheus scrapes a running cluster under a bounded load that makes Serve add a
+second LLM replica and remove it again; then every dashboard query and alert expression must return data.
+
+One application (tiny model, 1..2 replicas, short look-back and quiet period) serves the whole module.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+
+from serving.config import LLMConfig
+from serving.metrics.export import exporters
+from serving.server.deployments import deploy
+from serving.server.llm_replica import LLMDeployment
+from serving.server.status import status_report
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "helm/llm-cluster/files/grafana-dashboard.json"
+ALERT_RULES = ROOT / "helm/llm-cluster/files/alert-rules.yaml"
+MODEL = "tiny-llama"
+BODY = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 64, "ignore_eos": True, "temperature": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model) -> Iterator[str]:
+    config = LLMConfig.model_validate(
+        {
+            "model": {"source": str(tiny_model)},
+            "engine": {"kv_cache_memory_gb": 0.02, "block_size": 4, "max_num_seqs": 2},
+            "server": {
+                "port": free_port(),
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "max_ongoing_requests": 16,
+                "autoscaling": {"target_waiting_requests": 1, "look_back_period_s": 3, "downscale_delay_s": 5, "drain_timeout_s": 60},
+            },
+        }
+    )
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        yield deploy(config)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory) -> Iterator[str]:
+    """Prometheus scraping every node's metrics endpoint once a second, the way it scrapes a Ray cluster."""
+    deadline = time.monotonic() + 30
+    while not (handles := exporters()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    targets = [url.removeprefix("http://").removesuffix("/metrics") for url in ray.get([h.url.remote() for h in handles])]
+    assert targets, "no node metrics exporter started"
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [{"job_name": "llm-cluster", "static_configs": [{"targets": targets}]}]}
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    command = [
+        shutil.which("prometheus") or "prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with open(workdir / "prometheus.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            while not (_listening(port) and requests.get(f"{url}/-/ready", timeout=5).status_code == 200):
+                assert process.poll() is None, (workdir / "prometheus.log").read_text()
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def running_replicas() -> int:
+    deployment = serve.status().applications["llm"].deployments[LLMDeployment.name]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def query(prometheus: str, expr: str, at: float) -> list[dict]:
+    answer = requests.get(f"{prometheus}/api/v1/query", params={"query": expr, "time": at}, timeout=30).json()
+    assert answer["status"] == "success", (expr, answer)
+    return answer["data"]["result"]
+
+
+def test_metrics_served_at_the_api_and_per_node(server, prometheus):
+    requests.post(f"{server}/v1/completions", json=BODY | {"max_tokens": 4}, timeout=60).raise_for_status()
+    time.sleep(2.5)  # one push
+    api = {f.name for f in text_string_to_metric_families(requests.get(f"{server}/metrics", timeout=30).text)}
+    [url] = ray.get([h.url.remote() for h in exporters()])
+    node = {f.name for f in text_string_to_metric_families(requests.get(url, timeout=30).text)}
+    expected = {"llmcluster_replica_info", "llmcluster_time_to_first_token_seconds", "llmcluster_requests_finished", "llmcluster_http_requests"}
+    assert expected <= api and api == node
+
+
+def test_load_scales_out_and_back_and_every_query_returns_data(server, prometheus):
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            response = requests.post(f"{server}/v1/completions", json=BODY, timeout=120)
+            results.append((response.status_code, response.text))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    load_started = time.time()
+    for thread in threads:
+        thread.start()
+    requests.post(f"{server}/v1/completions", json=BODY | {"n": 0}, timeout=30)  # one 4xx for the error panels
+    deadline = time.monotonic() + 120
+    while running_replicas() < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    scaled_out_after = time.time() - load_started
+    time.sleep(5)  # both replicas serve for a while
+    load_stopped = time.time()
+    _, report = status_report("llm", window_s=1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(120)
+    assert scaled_out_after < 120, "the load never added a replica"
+    print(f"scaled out {scaled_out_after:.1f} s after the load started\n{report}")
+    assert len(re.findall(rf"\w+ +{MODEL} +1×1 ", report)) == 2
+
+    deadline = time.monotonic() + 90
+    while running_replicas() > 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    scaled_in_after = time.time() - load_stopped
+    assert running_replicas() == 1, "the replica added for the load was not removed after it stopped"
+    print(f"scaled back in {scaled_in_after:.1f} s after the load stopped; {len(results)} requests")
+
+    statuses = {status for status, _ in results}
+    assert statuses <= {200, 503}, statuses
+    for status, text in results:
+        if status == 200:
+            assert json.loads(text)["choices"][0]["finish_reason"] == "length"
+        else:
+            assert json.loads(text)["error"]["code"] == "overloaded"
+
+    time.sleep(3)  # Prometheus scrapes the one remaining replica
+    now = time.time()
+    assert query(prometheus, "count(llmcluster_replica_info)", now)[0]["value"][1] == "1"
+    peak = query(prometheus, "max_over_time(count(llmcluster_replica_info)[5m:1s])", now)
+    assert float(peak[0]["value"][1]) >= 2
+
+    at = load_stopped - 1
+    for expr in dashboard_queries():
+        assert query(prometheus, expr, at), f"dashboard query returns no data: {expr}"
+    for expr in alert_signals():
+        assert query(prometheus, expr, at), f"alert expression returns no data: {expr}"
+
+
+def dashboard_queries() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    exprs = [target["expr"] for panel in panels for target in panel.get("targets", [])]
+    assert len(exprs) > 20
+    return [expr.replace("$__rate_interval", "1m").replace("$model", ".*") for expr in exprs]
+
+
+def alert_signals() -> list[str]:
+    """Each alert's expression without its final threshold: the signal it compares, which must exist."""
+    rules = [rule for group in yaml.safe_load(ALERT_RULES.read_text())["groups"] for rule in group["rules"]]
+    signals = [re.sub(r"\s*(>|<|==|>=|<=)\s*[0-9.]+\s*$", "", rule["expr"].strip()) for rule in rules]
+    assert len(signals) == 4 and all(signal != rule["expr"].strip() for signal, rule in zip(signals, rules))
+    return signals
