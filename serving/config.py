@@ -47,7 +47,7 @@ class EngineConfig(_Strict):
     num_threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: torch's choice.")
 
     @model_validator(mode="after")
-    def _budget_holds_a_block(self) -> "EngineConfig":
+    def _budget_holds_a_block(self) -> EngineConfig:
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least block_size")
         return self
@@ -61,6 +61,17 @@ class ParallelConfig(_Strict):
     placement_timeout_s: float = Field(
         60.0, gt=0, description="How long to wait for the cluster to free room for the workers before giving up."
     )
+    backend: Literal["native", "deepspeed"] = Field(
+        "native",
+        description="native: this project's Llama-family model; deepspeed: any Hugging Face causal LM, "
+        "split by DeepSpeed's automatic tensor parallelism (no pipeline stages).",
+    )
+
+    @model_validator(mode="after")
+    def _deepspeed_has_no_stages(self) -> ParallelConfig:
+        if self.backend == "deepspeed" and self.pipeline_parallel > 1:
+            raise ValueError("the deepspeed backend splits layers by tensor parallelism only; use pipeline_parallel 1")
+        return self
 
     @property
     def world_size(self) -> int:
@@ -113,7 +124,7 @@ class ServerConfig(_Strict):
     autoscaling: AutoscalingConfig = AutoscalingConfig()
 
     @model_validator(mode="after")
-    def _replica_bounds(self) -> "ServerConfig":
+    def _replica_bounds(self) -> ServerConfig:
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be at least min_replicas")
         return self
@@ -134,6 +145,6 @@ class LLMConfig(_Strict):
     server: ServerConfig = ServerConfig()
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "LLMConfig":
+    def from_yaml(cls, path: str | Path) -> LLMConfig:
         with open(path, encoding="utf-8") as f:
             return cls.model_validate(yaml.safe_load(f) or {})

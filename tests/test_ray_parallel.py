@@ -6,9 +6,8 @@ started by the test. Outputs must equal the single-worker engine's.
 from __future__ import annotations
 
 import pytest
-from reference import max_summary_difference, output_summary
 import ray
-from ray.cluster_utils import Cluster
+from reference import max_summary_difference, output_summary
 
 from serving.config import EngineConfig, LLMConfig, ModelConfig, ParallelConfig
 from serving.engine.llm import LLM
@@ -19,28 +18,12 @@ PROMPTS = ["The capital of France is", "1, 2, 3,", "Tokyo 東京 🎌 and", "def
 PARAMS = SamplingParams(max_tokens=8, temperature=0, logprobs=5, prompt_logprobs=3, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    for _ in range(2):
-        cluster.add_node(num_cpus=3)
-    ray.init(address=cluster.address)
-    cluster.wait_for_nodes()
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-
-
 def _config(folder, tp: int, pp: int, **engine) -> LLMConfig:
     return LLMConfig(
         model=ModelConfig(source=str(folder), max_model_len=256),
         engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.01, **engine),
         parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, placement_timeout_s=10),
     )
-
-
-
-
 
 
 @pytest.mark.slow

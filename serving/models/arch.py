@@ -30,14 +30,14 @@ class ModelArch:
     attention_bias: bool
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "ModelArch":
+    def from_folder(cls, folder: Path) -> ModelArch:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise ModelSourceError(f"{folder} has no config.json: not a Hugging Face model folder")
         return cls.from_config(json.loads(path.read_text(encoding="utf-8")))
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "ModelArch":
+    def from_config(cls, cfg: dict) -> ModelArch:
         archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -81,3 +81,17 @@ def _rope_scaling(cfg: dict) -> dict | None:
     if kind != "llama3":
         raise UnsupportedModelError(f"rope scaling {kind!r} is not supported (only 'llama3')")
     return dict(scaling)
+
+
+def model_limits(folder: Path) -> tuple[int, int]:
+    """(vocabulary size, context length) of any Hugging Face causal LM's config.json, for models
+    the native engine does not implement (the deepspeed backend runs them)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ModelSourceError(f"{folder} has no config.json: not a Hugging Face model folder")
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg = {**cfg.get("text_config", {}), **cfg}
+    context = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length") if k in cfg), None)
+    if "vocab_size" not in cfg or context is None:
+        raise ModelSourceError(f"{path} names no vocabulary size or context length")
+    return cfg["vocab_size"], context

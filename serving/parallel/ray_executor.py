@@ -23,11 +23,13 @@ from serving.parallel.worker import Worker
 class RayExecutor:
     device = torch.device("cpu")  # where the driver samples
 
-    def __init__(self, folder: Path, arch: ModelArch, config: LLMConfig, max_model_len: int) -> None:
+    def __init__(self, folder: Path, arch: ModelArch | None, config: LLMConfig, max_model_len: int) -> None:
+        """`arch` is None with the deepspeed backend, whose model the native engine does not know."""
         parallel = config.parallel
         tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-        TensorParallel(tp).check(arch)  # refuse a bad layout before any worker starts
-        PipelineStage(pp).check(arch)
+        if arch is not None:  # refuse a bad layout before any worker starts
+            TensorParallel(tp).check(arch)
+            PipelineStage(pp).check(arch)
         on_gpu = config.model.device == "cuda" or (config.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         per_worker = {"GPU": 1.0} if on_gpu else {"CPU": 1.0}
         try:

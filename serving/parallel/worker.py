@@ -1,4 +1,8 @@
-"""One rank of a parallel replica: a model shard and its KV cache, run as a Ray actor."""
+"""One rank of a parallel replica: a model shard and its KV cache, run as a Ray actor.
+
+The shard is the native engine's (ModelRunner) or, with the deepspeed backend, a Hugging Face
+model split by DeepSpeed (DeepSpeedRunner); both take the same StepInput.
+"""
 from __future__ import annotations
 
 import socket
@@ -38,6 +42,13 @@ class Worker:
             world_size=tp_size * pp_size,
             timeout=timedelta(seconds=120),
         )
+        self.rss_before_load = _rss_bytes()
+        if config.parallel.backend == "deepspeed":  # one TP group, all ranks; DeepSpeed shards the model
+            from serving.parallel.deepspeed_runner import DeepSpeedRunner
+
+            self.runner = DeepSpeedRunner(Path(folder), config, max_model_len, tp_size)
+            self.returns_logits = rank == 0
+            return self.runner.num_blocks
         # every rank must create every group, in the same order
         groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
         stage_rank, tp_rank = divmod(rank, tp_size)
@@ -48,7 +59,6 @@ class Worker:
             prev_rank=rank - tp_size if stage_rank > 0 else None,
             next_rank=rank + tp_size if stage_rank < pp_size - 1 else None,
         )
-        self.rss_before_load = _rss_bytes()
         self.runner = ModelRunner(Path(folder), ModelArch.from_folder(Path(folder)), config.model, config.engine, max_model_len, tp, stage)
         self.returns_logits = stage.is_last and tp_rank == 0
         return self.runner.num_blocks
