@@ -17,7 +17,7 @@ from serving.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from serving.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
 from serving.engine.stats import EngineStepStats
 from serving.errors import ContextLengthError, InvalidRequestError
-from serving.models.arch import ModelArch
+from serving.models.arch import ModelArch, model_limits
 from serving.models.source import resolve_model
 from serving.parallel.tensor import SINGLE, TensorParallel
 from serving.tokenizer import Tokenizer
@@ -33,8 +33,13 @@ class LLMEngine:
     def __init__(self, config: LLMConfig, tp: TensorParallel = SINGLE) -> None:
         self.config = config
         self.model_dir: Path = resolve_model(config.model.source)
-        self.arch = ModelArch.from_folder(self.model_dir)
-        self.max_model_len = self._max_model_len()
+        if config.parallel.backend == "deepspeed":  # any Hugging Face causal LM, run by transformers + DeepSpeed
+            self.arch = None
+            self.vocab_size, context_limit = model_limits(self.model_dir)
+        else:
+            self.arch = ModelArch.from_folder(self.model_dir)
+            self.vocab_size, context_limit = self.arch.vocab_size, self.arch.max_position_embeddings
+        self.max_model_len = self._max_model_len(context_limit)
         self.model_name = config.model.served_name or self.model_dir.name
         self.tokenizer = Tokenizer.from_folder(self.model_dir)
         load_started = time.monotonic()
@@ -42,6 +47,10 @@ class LLMEngine:
             from serving.parallel.ray_executor import RayExecutor
 
             self.runner = RayExecutor(self.model_dir, self.arch, config, self.max_model_len)
+        elif self.arch is None:
+            from serving.parallel.deepspeed_runner import DeepSpeedRunner
+
+            self.runner = DeepSpeedRunner(self.model_dir, config, self.max_model_len, tp_size=1)
         else:
             self.runner = ModelRunner(self.model_dir, self.arch, config.model, config.engine, self.max_model_len, tp)
         self.model_load_s = time.monotonic() - load_started
@@ -52,8 +61,7 @@ class LLMEngine:
         self.in_flight: deque[tuple[SchedulerOutput, list[SeqChunk], object]] = deque()
         self.stats = EngineStepStats()
 
-    def _max_model_len(self) -> int:
-        limit = self.arch.max_position_embeddings
+    def _max_model_len(self, limit: int) -> int:
         asked = self.config.model.max_model_len
         if asked is not None and asked > limit:
             raise ValueError(f"max_model_len {asked} exceeds the model's context length {limit}")
@@ -78,7 +86,7 @@ class LLMEngine:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
-            vocab = self.arch.vocab_size
+            vocab = self.vocab_size
             if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
                 raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         if not ids:
