@@ -11,3 +11,4 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 # DeepSpeed ships only as source and its build needs torch: build it against the torch installed above
 python -c "import deepspeed" 2>/dev/null || python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 python -m pip install -q -e ".[test]"
+scripts/install_prometheus.sh  # prometheus + promtool (Debian) for the metrics and alert-rule tests
