@@ -1,0 +1,81 @@
+{{/* Checks the schema cannot express; each fails the render with the value to change. */}}
+{{- define "llm-cluster.validate" -}}
+{{- $m := .Values.model }}
+{{- if not $m.type }}
+{{- fail "model.type: no model source; set model.type to default, pvc, huggingface or objectStore, and that block's fields" }}
+{{- end }}
+{{- if and (eq $m.type "pvc") (or (not $m.pvc.claimName) (not $m.pvc.path)) }}
+{{- fail "model.type is pvc: set model.pvc.claimName and model.pvc.path (the folder with config.json inside the claim)" }}
+{{- end }}
+{{- if and (eq $m.type "huggingface") (not $m.huggingface.repoId) }}
+{{- fail "model.type is huggingface: set model.huggingface.repoId (like meta-llama/Llama-3.1-8B-Instruct)" }}
+{{- end }}
+{{- if and (eq $m.type "objectStore") (not (regexMatch "^(s3|gs|az)://[^/]+" $m.objectStore.uri)) }}
+{{- fail "model.type is objectStore: set model.objectStore.uri to an s3://, gs:// or az:// bucket and prefix" }}
+{{- end }}
+{{- $parallel := (.Values.llm | default dict).parallel | default dict }}
+{{- $tp := int ($parallel.tensor_parallel | default 1) }}
+{{- range .Values.workerGroups }}
+{{- if and (gt (int .gpus) 0) (lt (int .gpus) $tp) }}
+{{- fail (printf "llm.parallel.tensor_parallel=%d does not fit worker group %q: its pods have %d GPUs (workerGroups[].gpus), and one tensor-parallel group must fit on one node" $tp .name (int .gpus)) }}
+{{- end }}
+{{- if gt (int .minReplicas) (int .maxReplicas) }}
+{{- fail (printf "worker group %q: minReplicas (%d) is above maxReplicas (%d)" .name (int .minReplicas) (int .maxReplicas)) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.gcsFaultTolerance.enabled (not .Values.gcsFaultTolerance.redisAddress) }}
+{{- fail "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (host:port of an external Redis)" }}
+{{- end }}
+{{- end }}
+
+{{/* The application's arguments: the `llm` values (an LLMConfig) plus the fields the chart owns.
+     LLMConfig validation in the Serve application is the authority on everything else. */}}
+{{- define "llm-cluster.llmArgs" -}}
+{{- $args := deepCopy (.Values.llm | default dict) }}
+{{- $model := $args.model | default dict }}
+{{- $_ := set $model "source" (include "llm-cluster.modelSource" .) }}
+{{- if and (include "llm-cluster.hasGPUs" .) (not $model.device) }}
+{{- $_ := set $model "device" "cuda" }}
+{{- end }}
+{{- $_ := set $args "model" $model }}
+{{- $server := $args.server | default dict }}
+{{- $_ := set $server "host" "0.0.0.0" }}
+{{- $_ := set $server "port" .Values.api.port }}
+{{- $_ := set $server "app_name" .Values.api.appName }}
+{{- $_ := set $args "server" $server }}
+{{- toYaml $args }}
+{{- end }}
+
+{{/* The Ray Serve config (serveConfigV2). Replica counts and autoscaling come from the application
+     itself (build_app reads llm.server); the deployment override only keeps LLM replicas off the
+     head: it has num-cpus 0, and a replica asks for a CPU (and its GPU when it runs the model alone). */}}
+{{- define "llm-cluster.serveConfig" -}}
+{{- $parallel := (.Values.llm | default dict).parallel | default dict }}
+{{- $world := mul (int ($parallel.tensor_parallel | default 1)) (int ($parallel.pipeline_parallel | default 1)) }}
+{{- $actor := dict "num_cpus" 1 }}
+{{- if and (eq (int $world) 1) (include "llm-cluster.hasGPUs" .) }}
+{{- $_ := set $actor "num_gpus" 1 }}
+{{- end }}
+proxy_location: EveryNode
+http_options:
+  host: 0.0.0.0
+  port: {{ .Values.api.port }}
+# SERVE_CONTROLLER_ENV of serving/server/deployments.py (tests/test_helm_chart.py keeps them equal)
+controller_options:
+  runtime_env:
+    env_vars:
+      RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S: "60"
+      RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S: "30"
+      RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD: "0"
+      RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S: "1"
+applications:
+  - name: {{ .Values.api.appName }}
+    route_prefix: /
+    import_path: serving.server.deployments:build_app
+    args:
+      {{- include "llm-cluster.llmArgs" . | nindent 6 }}
+    deployments:
+      - name: LLMDeployment
+        ray_actor_options:
+          {{- toYaml $actor | nindent 10 }}
+{{- end }}
