@@ -22,6 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
+from cluster import local
 from serving.config import LLMConfig
 from serving.metrics.export import exporters
 from serving.server.deployments import deploy
@@ -44,7 +45,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model) -> Iterator[str]:
+def server(tiny_model, tmp_path_factory) -> Iterator[str]:
     config = LLMConfig.model_validate(
         {
             "model": {"source": str(tiny_model)},
@@ -58,12 +59,14 @@ def server(tiny_model) -> Iterator[str]:
             },
         }
     )
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    state_dir = tmp_path_factory.mktemp("cluster")
+    cluster = local.start(state_dir, free_port(), free_port())  # the CLI's local cluster: everything on 127.0.0.1
     try:
+        local.connect(cluster.address, token_auth=True)
         yield deploy(config)
     finally:
-        serve.shutdown()
         ray.shutdown()
+        local.stop(state_dir)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +119,7 @@ def test_metrics_served_at_the_api_and_per_node(server, prometheus):
     time.sleep(2.5)  # one push
     api = {f.name for f in text_string_to_metric_families(requests.get(f"{server}/metrics", timeout=30).text)}
     [url] = ray.get([h.url.remote() for h in exporters()])
+    assert url.startswith("http://127.0.0.1:")
     node = {f.name for f in text_string_to_metric_families(requests.get(url, timeout=30).text)}
     expected = {"llmcluster_replica_info", "llmcluster_time_to_first_token_seconds", "llmcluster_requests_finished", "llmcluster_http_requests"}
     assert expected <= api and api == node

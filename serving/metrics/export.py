@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from prometheus_client.metrics_core import Metric
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from serving.config import ServerConfig
+
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "llmcluster"
@@ -58,13 +60,14 @@ def render(families: list[Metric]) -> bytes:
 class NodeMetricsExporter:
     """Holds the latest snapshot of every metrics source on its node and serves them over HTTP."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, local_only: bool) -> None:
         self._snapshots: dict[str, tuple[float, list[Metric]]] = {}
         self._lock = threading.Lock()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Families(lambda: self.collect()))
         node_id = ray.get_runtime_context().get_node_id()
-        host = next(node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id)  # the IP Ray uses
+        node_ip = next(node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id)  # the IP Ray uses
+        host = "127.0.0.1" if local_only else node_ip
         server, _ = start_http_server(port, addr=host, registry=registry)
         self._url = f"http://{host}:{server.server_port}/metrics"
 
@@ -89,8 +92,9 @@ class NodeMetricsExporter:
         return merge(family for families in snapshots for family in families)
 
 
-def node_exporter(port: int) -> ray.actor.ActorHandle:
-    """The exporter of this process's node, started on `port` (0: any free port) if there is none yet."""
+def node_exporter(port: int, local_only: bool) -> ray.actor.ActorHandle:
+    """The exporter of this process's node, started on `port` (0: any free port) if there is none yet;
+    `local_only` binds it to 127.0.0.1 instead of the node's IP."""
     node_id = ray.get_runtime_context().get_node_id()
     return NodeMetricsExporter.options(
         name=f"{_NAME_PREFIX}{node_id}",
@@ -98,7 +102,7 @@ def node_exporter(port: int) -> ray.actor.ActorHandle:
         lifetime="detached",
         get_if_exists=True,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-    ).remote(port)
+    ).remote(port, local_only)
 
 
 def exporters() -> list[ray.actor.ActorHandle]:
@@ -122,12 +126,16 @@ async def cluster_families(exclude: str | None = None, timeout_s: float = 5.0) -
 
 
 class MetricsPusher:
-    """A daemon thread pushing `registry` to this node's exporter every PUSH_INTERVAL_S, after `refresh()`."""
+    """A daemon thread pushing `registry` to this node's exporter every PUSH_INTERVAL_S, after `refresh()`.
 
-    def __init__(self, source: str, registry: CollectorRegistry, port: int, refresh: Callable[[], None] = lambda: None) -> None:
+    The exporter serves on `server.metrics_port`, on 127.0.0.1 when the API itself listens there only.
+    """
+
+    def __init__(self, source: str, registry: CollectorRegistry, server: ServerConfig, refresh: Callable[[], None] = lambda: None) -> None:
         self.source = source
         self._registry = registry
-        self._port = port
+        self._port = server.metrics_port
+        self._local_only = server.host in ("127.0.0.1", "localhost", "::1")
         self._refresh = refresh
         self._exporter: ray.actor.ActorHandle | None = None
         self._stop = threading.Event()
@@ -139,7 +147,7 @@ class MetricsPusher:
             try:
                 self._refresh()
                 if self._exporter is None:
-                    self._exporter = node_exporter(self._port)
+                    self._exporter = node_exporter(self._port, self._local_only)
                 ray.get(self._exporter.report.remote(self.source, list(self._registry.collect())), timeout=10)
             except Exception:  # a missed push only delays the metrics; find the exporter again
                 logger.warning("pushing metrics failed", exc_info=True)

@@ -56,7 +56,7 @@ class APIIngress:
         self.backend = ServeLLMClient(llm, self.config.server.retry_after_s)
         replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = APIMetrics(replica)
-        self._pusher = MetricsPusher(f"api-{replica}", self.metrics.registry, self.config.server.metrics_port)
+        self._pusher = MetricsPusher(f"api-{replica}", self.metrics.registry, self.config.server)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.backend, self.config.server, self.metrics, lambda: cluster_families(exclude=self._pusher.source))

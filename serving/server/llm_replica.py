@@ -38,7 +38,7 @@ class LLMDeployment:
         self.startup_s = time.time() - psutil.Process().create_time()
         self.metrics.startup.set(self.startup_s)
         self._recent_ttft: deque[tuple[float, float]] = deque()  # (when, seconds) within the look-back period
-        self._pusher = MetricsPusher(f"llm-{self.replica}", self.metrics.registry, self.config.server.metrics_port, self._refresh_metrics)
+        self._pusher = MetricsPusher(f"llm-{self.replica}", self.metrics.registry, self.config.server, self._refresh_metrics)
 
     def __del__(self) -> None:
         """Serve calls this when it removes the replica (after draining): its series leave the node's endpoint."""
