@@ -7,6 +7,8 @@
   llmcluster chat                          interactive chat with a running server
   llmcluster status                        the application, its replicas and their engines
   llmcluster shutdown                      stop what `serve` started
+  llmcluster status --kubernetes           the Helm chart's RayService, its pods and Serve applications
+  llmcluster preflight --model PATH        can the Kubernetes cluster run the chart with this model and layout?
 
 Run `llmcluster COMMAND --help` for the flags of each command.
 """
@@ -26,6 +28,7 @@ from serving.config import ServerConfig
 from serving.config_flags import add_config_flags, config_from_args
 from serving.engine.sampling_params import SamplingParams
 from serving.errors import LLMClusterError
+from serving.kubernetes_cli import add_kubernetes_status_flags, add_preflight_command, kubernetes_status
 from serving.models.source import cache_root
 
 _SAMPLING_DEFAULTS = vars(SamplingParams())
@@ -96,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--address", help="the Ray cluster (default: the local one `serve` started)")
         app_name = ServerConfig.model_fields["app_name"]
         sub.add_argument("--app-name", default=app_name.default, help=f"{app_name.description} (default: {app_name.default})")
+        if name == "status":
+            add_kubernetes_status_flags(sub)
+    add_preflight_command(commands)
     return parser
 
 
@@ -195,6 +201,8 @@ def _chat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.kubernetes:
+        return kubernetes_status(args)
     from serving.server.status import status_report
 
     where = _connect(args)

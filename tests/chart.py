@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,28 @@ def serve_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 class RenderError(Exception):
     pass
+
+
+@cache
+def crd_schemas() -> tuple[dict[str, Any], dict[str, Any]]:
+    """RayService's schema and RayCluster's spec schema (ray.io/v1), with unknown fields rejected as the
+    API server prunes them: every object schema that lists properties gets additionalProperties: false."""
+
+    def schema(file: str) -> dict[str, Any]:
+        crd = yaml.load((CRDS / file).read_text(), Loader=yaml.CSafeLoader)  # 17k lines: libyaml, not pure Python
+        (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        return _closed(version["schema"]["openAPIV3Schema"])
+
+    cluster = schema("ray.io_rayclusters.yaml")
+    return schema("ray.io_rayservices.yaml"), cluster["properties"]["spec"]
+
+
+def _closed(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_closed(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _closed(value) for key, value in node.items()}
+    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out

@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serving.config import LLMConfig
 from serving.server.deployments import SERVE_CONTROLLER_ENV
-from tests.chart import CHART, CRDS, EXAMPLES, ROOT, helm, render, render_error, serve_config, values_file
+from tests.chart import CHART, EXAMPLES, ROOT, crd_schemas, helm, render, render_error, serve_config, values_file
 
 CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/")
 OBJECT_STORE = {
@@ -74,7 +73,7 @@ def test_builtin_objects_pass_kubernetes_validate(renders, version):
 
 
 def test_rayservice_and_its_cluster_pass_the_kuberay_crds(renders):
-    service_schema, cluster_spec_schema = _crd_schemas()
+    service_schema, cluster_spec_schema = crd_schemas()
     for name, objects in renders.items():
         (service,) = [o for o in objects if o["kind"] == "RayService"]
         _crd_validate(service, service_schema, f"{name}: RayService")
@@ -82,7 +81,7 @@ def test_rayservice_and_its_cluster_pass_the_kuberay_crds(renders):
 
 
 def test_crd_validation_rejects_unknown_fields(renders):
-    service_schema, _ = _crd_schemas()
+    service_schema, _ = crd_schemas()
     service = copy.deepcopy(next(o for o in renders["default"] if o["kind"] == "RayService"))
     service["spec"]["rayClusterConfig"]["headGroupSpec"]["numGpus"] = 1
     with pytest.raises(AssertionError, match="'numGpus' was unexpected"):
@@ -267,28 +266,3 @@ def _crd_validate(obj: dict[str, Any], schema: dict[str, Any], what: str) -> Non
         jsonschema.Draft7Validator(schema).validate(obj)
     except jsonschema.ValidationError as error:
         raise AssertionError(f"{what} fails the KubeRay CRD at {'.'.join(map(str, error.path))}: {error.message}") from None
-
-
-@cache
-def _crd_schemas() -> tuple[dict[str, Any], dict[str, Any]]:
-    """RayService's schema and RayCluster's spec schema (ray.io/v1), with unknown fields rejected as the
-    API server prunes them: every object schema that lists properties gets additionalProperties: false."""
-
-    def schema(file: str) -> dict[str, Any]:
-        crd = yaml.load((CRDS / file).read_text(), Loader=yaml.CSafeLoader)  # 17k lines: libyaml, not pure Python
-        (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-        return _closed(version["schema"]["openAPIV3Schema"])
-
-    cluster = schema("ray.io_rayclusters.yaml")
-    return schema("ray.io_rayservices.yaml"), cluster["properties"]["spec"]
-
-
-def _closed(node: Any) -> Any:
-    if isinstance(node, list):
-        return [_closed(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {key: _closed(value) for key, value in node.items()}
-    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
