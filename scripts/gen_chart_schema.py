@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from serving.config import LLMConfig
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "helm" / "llm-cluster" / "values.schema.json"
-# Fields the chart sets from its own values (model location, Serve's HTTP port, application name).
-CHART_OWNED = {"model": ["source"], "server": ["host", "port", "app_name"]}
+# Fields the chart sets from its own values (model location, Serve's HTTP port, application name, metrics port).
+CHART_OWNED = {"model": ["source"], "server": ["host", "port", "app_name", "metrics_port"]}
 
 
 def llm_schema() -> dict[str, Any]:
@@ -33,8 +33,8 @@ def llm_schema() -> dict[str, Any]:
         for field in fields:
             del llm["properties"][section]["properties"][field]
     llm["description"] = (
-        "The served application's LLMConfig (serving/config.py). model.source, server.host, server.port and "
-        "server.app_name are set by the chart from model and api."
+        "The served application's LLMConfig (serving/config.py). model.source, server.host, server.port, "
+        "server.app_name and server.metrics_port are set by the chart from model, api and monitoring."
     )
     return llm
 

@@ -29,7 +29,7 @@ OBJECT_STORE = {
 }
 EVERYTHING_ON = {
     "api": {"ingress": {"enabled": True}, "apiKeys": {"existingSecret": "keys"}},
-    "monitoring": {name: {"enabled": True} for name in ("serviceMonitor", "podMonitor", "prometheusRule", "grafanaDashboard")},
+    "monitoring": {name: {"enabled": True} for name in ("podMonitor", "prometheusRule", "grafanaDashboard")},
     "gcsFaultTolerance": {"enabled": True, "redisAddress": "redis:6379"},
     "modelCache": {"type": "pvc"},
 }
@@ -43,6 +43,7 @@ def renders(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
     out.update({path.stem: render(path) for path in EXAMPLES})
     out["object-store"] = render(values_file(tmp, OBJECT_STORE, "object-store.yaml"))
     out["everything-on"] = render(values_file(tmp, EVERYTHING_ON, "everything-on.yaml"))
+    out["service-monitor"] = render(values_file(tmp, {"monitoring": {"serviceMonitor": {"enabled": True}}}, "service-monitor.yaml"))
     return out
 
 
@@ -178,7 +179,16 @@ def test_monitoring_objects_carry_the_shared_files(renders):
     assert json.loads(dashboard["data"]["llm-cluster.json"]) == json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
     rules = yaml.safe_load((CHART / "files" / "alert-rules.yaml").read_text())
     assert objects["PrometheusRule"]["spec"]["groups"] == rules["groups"]
-    assert {"ServiceMonitor", "PodMonitor"} <= objects.keys()
+    # one target per pod: Ray's metrics and the node's llmcluster_* metrics, on the port the application is given
+    pod_monitor = objects["PodMonitor"]["spec"]
+    assert [e["port"] for e in pod_monitor["podMetricsEndpoints"]] == ["metrics", "llm-metrics"]
+    ports = {p["name"]: p["containerPort"] for p in _pod_templates(renders["everything-on"])[1]["spec"]["containers"][0]["ports"]}
+    args = serve_config(renders["everything-on"])["applications"][0]["args"]
+    assert ports["llm-metrics"] == args["server"]["metrics_port"] == 9450 and ports["metrics"] == 8080
+    # or one target for the whole cluster: the API's /metrics through its Service
+    (service_monitor,) = [o for o in renders["service-monitor"] if o["kind"] == "ServiceMonitor"]
+    assert service_monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+    assert service_monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "api"
 
 
 def test_prometheus_rule_passes_promtool(renders, tmp_path):
@@ -230,6 +240,11 @@ def test_negative_replicas_fail(tmp_path):
     assert "at '/workerGroups/0/minReplicas': minimum: got -2, want 0" in message
 
 
+def test_scraping_the_same_metrics_twice_fails(tmp_path):
+    both = {"monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}
+    assert "enable serviceMonitor or podMonitor, not both" in render_error(values_file(tmp_path, both))
+
+
 def test_unknown_keys_fail(tmp_path):
     assert "additional properties 'replicas' not allowed" in render_error(_demo_with(tmp_path, {"replicas": 3}))
     message = render_error(_demo_with(tmp_path, {"llm": {"engine": {"max_num_seq": 8}}}))
@@ -266,3 +281,26 @@ def _crd_validate(obj: dict[str, Any], schema: dict[str, Any], what: str) -> Non
         jsonschema.Draft7Validator(schema).validate(obj)
     except jsonschema.ValidationError as error:
         raise AssertionError(f"{what} fails the KubeRay CRD at {'.'.join(map(str, error.path))}: {error.message}") from None
+
+
+def test_readme_lists_every_value():
+    readme = (CHART / "README.md").read_text()
+    missing = [key for key in _value_keys(yaml.safe_load((CHART / "values.yaml").read_text())) if f"`{key}`" not in readme]
+    assert not missing
+
+
+_WHOLE_VALUES = {"resources", "nodeSelector", "tolerations", "affinity", "rayStartParams", "annotations", "labels", "hosts", "tls"}
+
+
+def _value_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of values.yaml, down to the values that are objects of Kubernetes' own (resources, ...)."""
+    keys = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, list) and value and isinstance(value[0], dict) and key not in _WHOLE_VALUES:
+            keys += _value_keys(value[0], f"{path}[].")
+        elif isinstance(value, dict) and value and key not in _WHOLE_VALUES and not key.endswith("SecurityContext"):
+            keys += _value_keys(value, f"{path}.")
+        else:
+            keys.append(path)
+    return keys

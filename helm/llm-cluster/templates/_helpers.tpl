@@ -102,5 +102,6 @@ livenessProbe:
 {{- define "llm-cluster.ports" -}}
 - {name: serve, containerPort: {{ .Values.api.port }}}
 - {name: metrics, containerPort: 8080}
+- {name: llm-metrics, containerPort: {{ .Values.monitoring.metricsPort }}}
 - {name: dashboard-agent, containerPort: 52365}
 {{- end }}

@@ -23,6 +23,9 @@
 {{- fail (printf "worker group %q: minReplicas (%d) is above maxReplicas (%d)" .name (int .minReplicas) (int .maxReplicas)) }}
 {{- end }}
 {{- end }}
+{{- if and .Values.monitoring.serviceMonitor.enabled .Values.monitoring.podMonitor.enabled }}
+{{- fail "monitoring: enable serviceMonitor or podMonitor, not both; both would scrape every llmcluster_* series twice" }}
+{{- end }}
 {{- if and .Values.gcsFaultTolerance.enabled (not .Values.gcsFaultTolerance.redisAddress) }}
 {{- fail "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (host:port of an external Redis)" }}
 {{- end }}
@@ -42,6 +45,7 @@
 {{- $_ := set $server "host" "0.0.0.0" }}
 {{- $_ := set $server "port" .Values.api.port }}
 {{- $_ := set $server "app_name" .Values.api.appName }}
+{{- $_ := set $server "metrics_port" .Values.monitoring.metricsPort }}
 {{- $_ := set $args "server" $server }}
 {{- toYaml $args }}
 {{- end }}
