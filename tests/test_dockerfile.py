@@ -1,0 +1,45 @@
+"""docker/Dockerfile, the chart's default image: it parses (Docker's own parser, via the `dockerfile`
+package), copies every package the project installs, pins what setup.sh pins and runs as the chart's
+user. There is no Docker engine on these machines, so the image itself is not built here."""
+
+from __future__ import annotations
+
+import re
+
+import dockerfile
+import tomllib
+import yaml
+
+from tests.chart import CHART, ROOT
+
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+
+
+def instructions(cmd: str) -> list[tuple[str, ...]]:
+    return [i.value for i in dockerfile.parse_file(str(DOCKERFILE)) if i.cmd == cmd]
+
+
+def test_copies_every_installed_package():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = {source for value in instructions("COPY") for source in value[:-1]}
+    assert packages <= copied
+    assert all((ROOT / source).exists() for source in copied)
+
+
+def test_pins_what_setup_pins():
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    args = dict(value[0].split("=", 1) for value in instructions("ARG"))
+    assert f'"torch=={args["TORCH_VERSION"]}"' in setup
+    assert f'"deepspeed=={args["DEEPSPEED_VERSION"]}"' in setup
+
+
+def test_runs_as_the_chart_user_and_is_the_chart_default():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    user, group = instructions("USER")[-1][0].split(":")
+    assert (int(user), int(group)) == (values["podSecurityContext"]["runAsUser"], values["podSecurityContext"]["runAsGroup"])
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert values["image"]["repository"] == "llm-cluster" and not values["image"]["tag"]  # tag: the appVersion
+    assert chart["appVersion"] == project["project"]["version"]
+    assert re.search(r"docker build -f docker/Dockerfile -t \S+/llm-cluster:" + re.escape(chart["appVersion"]), DOCKERFILE.read_text())
