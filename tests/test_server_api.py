@@ -291,7 +291,8 @@ def test_disconnect_aborts_the_request(server, prompts, stream):
     body = COMPLETION | {"prompt": prompts, "max_tokens": 800, "ignore_eos": True, "stream": stream}
     if stream:
         response = requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120)
-        assert next(line for line in response.iter_lines() if line).startswith(b"data: ")
+        lines = response.iter_lines()  # kept open: a dropped line iterator closes the connection when collected
+        assert next(line for line in lines if line).startswith(b"data: ")
         close: Callable[[], None] = response.close
     else:
         thread = threading.Thread(target=_post_and_give_up, args=(f"{server}/v1/completions", body))

@@ -23,6 +23,10 @@ class AsyncLLMEngine:
     def __init__(self, config: LLMConfig) -> None:
         self.engine = LLMEngine(config)
         self._lock = threading.Lock()
+        # what the steps measured, taken inside each locked step; its own lock is held for microseconds only,
+        # so a metrics thread never waits behind a step (the step lock is not fair and can starve it)
+        self._stats = EngineStepStats()
+        self._stats_lock = threading.Lock()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -65,12 +69,17 @@ class AsyncLLMEngine:
                 await asyncio.shield(self.abort(request_id))
 
     def take_stats(self) -> EngineStepStats:
-        """What the engine measured since the last call (see LLMEngine.take_stats); blocks while a step runs."""
-        with self._lock:
-            return self.engine.take_stats()
+        """What the engine measured since the last call (see LLMEngine.take_stats); safe from any thread."""
+        with self._stats_lock:
+            stats, self._stats = self._stats, EngineStepStats()
+        return stats
+
+    def _keep_stats(self, stats: EngineStepStats) -> None:
+        with self._stats_lock:
+            self._stats.merge(stats)
 
     async def abort(self, request_id: str) -> None:
-        await asyncio.to_thread(self._abort_locked, request_id)
+        self._keep_stats(await asyncio.to_thread(self._abort_locked, request_id))
 
     def _add_locked(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         """Runs in a worker thread: waiting for the lock (held during a step) must not block the event loop."""
@@ -79,18 +88,19 @@ class AsyncLLMEngine:
                 self.last_progress = time.monotonic()
             self.engine.add_request(request_id, prompt, params)
 
-    def _abort_locked(self, request_id: str) -> None:
+    def _abort_locked(self, request_id: str) -> EngineStepStats:
         with self._lock:
             self.engine.abort_request(request_id)
+            return self.engine.take_stats()
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._wakeup = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    def _step_locked(self) -> list[RequestOutput]:
+    def _step_locked(self) -> tuple[list[RequestOutput], EngineStepStats]:
         with self._lock:
-            return self.engine.step()
+            return self.engine.step(), self.engine.take_stats()
 
     async def _run(self) -> None:
         try:
@@ -99,7 +109,8 @@ class AsyncLLMEngine:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                outputs = await asyncio.to_thread(self._step_locked)
+                outputs, stats = await asyncio.to_thread(self._step_locked)
+                self._keep_stats(stats)
                 if outputs:
                     self.last_progress = time.monotonic()
                 for output in outputs:

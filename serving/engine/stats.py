@@ -41,6 +41,14 @@ class EngineStepStats:
     inter_token_latency_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequest] = field(default_factory=list)
 
+    def merge(self, later: EngineStepStats) -> None:
+        """Add what `later` measured to this collection."""
+        self.prompt_tokens += later.prompt_tokens
+        self.generation_tokens += later.generation_tokens
+        self.time_to_first_token_s += later.time_to_first_token_s
+        self.inter_token_latency_s += later.inter_token_latency_s
+        self.finished += later.finished
+
     def record_scheduled(self, scheduled: Iterable[ScheduledSeq]) -> None:
         now = time.monotonic()
         for item in scheduled:
