@@ -2,8 +2,9 @@
 `serve deploy` onto a local Ray head (127.0.0.1, free ports) and answers a chat request.
 
 Like the chart's cluster, the head uses Ray's token authentication (the token in ~/.ray/auth_token,
-which `ray start` creates when missing). What differs from the cluster: the model comes through a `pvc`-type source whose mount path is the
-test's default_model folder, engine limits are small, and the proxy listens on 127.0.0.1.
+which `ray start` creates when missing). What differs from the cluster: the model comes through a
+`pvc`-type source whose mount path is the test's default_model folder, engine limits are small,
+ports are free ones, and everything listens on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -74,15 +75,17 @@ def ray_head() -> Iterator[str]:
 
 
 def test_cpu_demo_serve_config_deploys_and_answers(ray_head, default_model, tmp_path):
-    (api_port,) = free_ports(1)
+    api_port, metrics_port = free_ports(2)
     local = {
         "model": {"type": "pvc", "pvc": {"claimName": "local", "mountPath": str(default_model.parent), "path": default_model.name}},
         "llm": {"model": {"max_model_len": 512}, "engine": {"kv_cache_memory_gb": 0.25, "max_num_seqs": 4}},
         "api": {"port": api_port},
+        "monitoring": {"metricsPort": metrics_port},
     }
     config = serve_config(render(CHART / "examples" / "cpu-demo.yaml", values_file(tmp_path, local)))
     assert config["applications"][0]["args"]["model"]["source"] == str(default_model)
-    config["http_options"]["host"] = HOST  # the pods listen on 0.0.0.0; this machine's tests on 127.0.0.1 only
+    # the pods listen on 0.0.0.0; this machine's tests on 127.0.0.1 only (the proxy, and the metrics endpoint with it)
+    config["http_options"]["host"] = config["applications"][0]["args"]["server"]["host"] = HOST
     path = tmp_path / "serve-config.yaml"
     path.write_text(yaml.safe_dump(config))
 
