@@ -83,7 +83,9 @@ def _preflight(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     client = api_client(args.kubeconfig, args.context)
     parallel = config.parallel
     with readable_errors(client):
-        result = preflight.run(client, shape, parallel.tensor_parallel, parallel.pipeline_parallel, DTYPE_BYTES[dtype], max_model_len, memory)
+        result = preflight.run(
+            client, shape, parallel.tensor_parallel, parallel.pipeline_parallel, DTYPE_BYTES[dtype], max_model_len, memory
+        )
     print(preflight.format_report(result))
     return 0 if result.passed else 1
 
