@@ -5,6 +5,7 @@ model split by DeepSpeed (DeepSpeedRunner); both take the same StepInput.
 """
 from __future__ import annotations
 
+import os
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +35,7 @@ class Worker:
     def setup(self, folder: str, config: LLMConfig, max_model_len: int, rank: int, address: tuple[str, int]) -> int:
         """Join the process group, load this rank's shard; returns how many KV blocks it holds."""
         tp_size, pp_size = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
+        _use_node_ip_interface()
         device_is_cuda = config.model.device == "cuda" or (config.model.device == "auto" and torch.cuda.is_available())
         dist.init_process_group(
             "nccl" if device_is_cuda else "gloo",
@@ -90,6 +92,20 @@ class Worker:
         for _ in range(iterations):
             self.runner.model.tp.all_reduce(x)
         return (time.perf_counter() - start) / iterations
+
+
+def _use_node_ip_interface() -> None:
+    """Make gloo and NCCL connect over the interface that carries Ray's node IP. Left alone, gloo
+    advertises whatever the host name resolves to, often 127.0.1.1 in /etc/hosts, which peers on
+    other hosts cannot reach. An interface the user chose (GLOO_SOCKET_IFNAME, ...) is kept."""
+    import psutil
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    names = [name for name, addresses in psutil.net_if_addrs().items() if any(a.address == ip for a in addresses)]
+    if names:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", names[0])
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", names[0])
 
 
 def _rss_bytes() -> int:

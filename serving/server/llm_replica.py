@@ -41,8 +41,10 @@ class LLMDeployment:
         self._pusher = MetricsPusher(f"llm-{self.replica}", self.metrics.registry, self.config.server, self._refresh_metrics)
 
     def __del__(self) -> None:
-        """Serve calls this when it removes the replica (after draining): its series leave the node's endpoint."""
-        self._pusher.stop()
+        """Serve calls this when it removes the replica (after draining): its series leave the node's endpoint.
+        It also runs after a failed constructor, which may not have got as far as the pusher."""
+        if hasattr(self, "_pusher"):
+            self._pusher.stop()
 
     # A request the engine rejects is answered with the error as a value, not raised: it is the
     # client's fault, and Serve would log a raised one as a failure of this replica.
