@@ -32,13 +32,13 @@ class Host:
 
     def start(self, *args: str, env: dict[str, str] | None = None, log: str | None = None) -> subprocess.Popen:
         """A long-running process on this host, in a session of its own (stopped at teardown)."""
-        out = open(log, "wb") if log else subprocess.DEVNULL
+        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (written until teardown)
         process = subprocess.Popen(self.command(*args), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(process)
         return process
 
     def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(*args), env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self.command(*args), env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def available() -> str | None:
@@ -80,9 +80,9 @@ def hosts(names: list[str]) -> Iterator[dict[str, Host]]:
     finally:
         for host in made.values():
             _stop(host)
-            subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)
+            subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True, check=False)
             shutil.rmtree(host.temp_dir, ignore_errors=True)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
 
 
 def _stop(host: Host, grace_s: float = 20.0) -> None:
@@ -97,7 +97,7 @@ def _stop(host: Host, grace_s: float = 20.0) -> None:
             process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-    leftover = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True).stdout.split()
+    leftover = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True, check=False).stdout.split()
     for pid in leftover:
         try:
             os.kill(int(pid), signal.SIGKILL)
