@@ -9,6 +9,7 @@
   llmcluster shutdown                      stop what `serve` started
   llmcluster status --kubernetes           the Helm chart's RayService, its pods and Serve applications
   llmcluster preflight --model PATH        can the Kubernetes cluster run the chart with this model and layout?
+  llmcluster bench run|sweep|compare       load-test an OpenAI-compatible server, compare results
 
 Run `llmcluster COMMAND --help` for the flags of each command.
 """
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             add_kubernetes_status_flags(sub)
     add_preflight_command(commands)
+    from benchmarks.loadtest.cli import add_bench_command  # argparse only: the load tester loads when it runs
+
+    add_bench_command(commands)
     return parser
 
 

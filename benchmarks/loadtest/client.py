@@ -75,6 +75,8 @@ class HTTPTarget:
             "stream_options": {"include_usage": True},
         }
         if self.endpoint == "chat":
+            if not isinstance(spec.prompt, str):
+                raise ValueError("the chat endpoint takes text prompts, not token ids")
             body["messages"] = [{"role": "user", "content": spec.prompt}]
         else:
             body["prompt"] = spec.prompt

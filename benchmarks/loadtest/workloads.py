@@ -22,7 +22,7 @@ _WORD_TOKEN = re.compile(r"^(Ġ|▁)[a-zA-Z]{2,}$")  # byte-level BPE and Senten
 class RequestSpec:
     """One request to send: the prompt text and how many tokens to ask for."""
 
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (completions endpoints and in-process engines)
     prompt_len: int  # tokens of `prompt` in the benchmark's tokenizer, without special tokens; 0 if unknown
     output_len: int  # max_tokens; with ignore_eos, exactly what the server generates
 
@@ -63,6 +63,12 @@ def random_requests(
     """`count` prompts of exactly `input_len` tokens (each starts with a space), asking for `output_len` tokens."""
     words = WordSampler(tokenizer, seed)
     return [RequestSpec(words.text(input_len), input_len, output_len) for _ in range(count)]
+
+
+def token_id_requests(vocab: range, count: int, input_len: int, output_len: int, seed: int = 0) -> list[RequestSpec]:
+    """`count` prompts of `input_len` random token ids from `vocab`: exact lengths with no tokenizer at hand."""
+    rng = random.Random(seed)
+    return [RequestSpec([rng.choice(vocab) for _ in range(input_len)], input_len, output_len) for _ in range(count)]
 
 
 def shared_prefix_requests(
