@@ -61,6 +61,11 @@ class ParallelConfig(_Strict):
     placement_timeout_s: float = Field(
         60.0, gt=0, description="How long to wait for the cluster to free room for the workers before giving up."
     )
+    cluster_autoscales: bool = Field(
+        False,
+        description="The Ray cluster adds nodes on demand (Ray's autoscaler, KubeRay's too): workers the current nodes "
+        "cannot hold wait up to placement_timeout_s for new nodes instead of failing at once.",
+    )
     backend: Literal["native", "deepspeed"] = Field(
         "native",
         description="native: this project's Llama-family model; deepspeed: any Hugging Face causal LM, "
@@ -83,6 +88,33 @@ class LimitsConfig(_Strict):
 
     max_body_bytes: int = Field(2 * 2**20, gt=0, description="Largest request body in bytes; larger ones get 413.")
     max_n: int = Field(16, gt=0, description="Most completions (n) one request may ask for.")
+    max_prompt_tokens: int | None = Field(None, gt=0, description="Most tokens in one prompt; default: only the model's context length.")
+    max_tokens: int | None = Field(
+        None, gt=0, description="Most tokens one completion may generate; a request that leaves max_tokens out gets at most this many."
+    )
+    max_logprobs: int = Field(20, ge=0, description="Most alternatives per token a request may ask for (logprobs, top_logprobs).")
+    max_stop_sequences: int = Field(4, ge=0, description="Most stop strings in one request.")
+    max_stop_length: int = Field(256, gt=0, description="Longest stop string in characters.")
+    max_messages: int = Field(2048, gt=0, description="Most messages in one chat request.")
+
+
+class AuthConfig(_Strict):
+    """API keys (Authorization: Bearer) and per-key rate limits; GET /health never needs a key."""
+
+    require_api_key: bool = Field(
+        False, description="Require an API key; keys come from $LLMCLUSTER_API_KEYS (comma-separated) and api_keys_file."
+    )
+    api_keys_file: str | None = Field(None, description="A file with one API key per line (# starts a comment).")
+    requests_per_minute: int | None = Field(None, gt=0, description="Requests each key may make per minute, per API replica.")
+    tokens_per_minute: int | None = Field(
+        None, gt=0, description="Prompt plus generated tokens each key may use per minute, per API replica."
+    )
+
+    @model_validator(mode="after")
+    def _limits_need_keys(self) -> AuthConfig:
+        if not self.require_api_key and (self.requests_per_minute or self.tokens_per_minute):
+            raise ValueError("rate limits are per API key: set require_api_key as well")
+        return self
 
 
 class AutoscalingConfig(_Strict):
@@ -94,7 +126,9 @@ class AutoscalingConfig(_Strict):
     target_ttft_s: float = Field(2.0, gt=0, description="Mean time to first token in seconds to aim for.")
     look_back_period_s: float = Field(10.0, gt=1, description="Seconds over which replica metrics are averaged and the trend is taken.")
     downscale_delay_s: float = Field(120.0, ge=0, description="Quiet period: seconds the load must stay low before replicas are removed.")
-    drain_timeout_s: float = Field(300.0, gt=0, description="Seconds a replica being removed may take to finish its requests.")
+    drain_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds a replica being removed (scale-in, redeploy, shutdown) may take to finish its requests."
+    )
 
 
 class ServerConfig(_Strict):
@@ -107,6 +141,15 @@ class ServerConfig(_Strict):
     max_replicas: int = Field(
         1, ge=1, description="Upper bound of LLM replicas; above min_replicas Serve scales on the autoscaling signals."
     )
+    replica_cpus: float = Field(
+        0.0, ge=0, description="CPUs each LLM replica reserves in Ray; a replica no node has room for makes Ray's autoscaler add one."
+    )
+    replica_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs each LLM replica reserves; default: 1 when it runs the model itself on CUDA (model.device cuda, "
+        "tensor_parallel x pipeline_parallel 1), else 0 (parallel workers reserve their own).",
+    )
     max_ongoing_requests: int = Field(
         128, gt=0, description="Requests one LLM replica holds at once (running plus waiting in its engine)."
     )
@@ -117,10 +160,15 @@ class ServerConfig(_Strict):
     stall_timeout_s: float = Field(
         60.0, gt=0, description="Seconds an engine may have work without progress before it counts as unhealthy."
     )
+    health_check_period_s: float = Field(
+        10.0, gt=0, description="Seconds between Serve's health checks of an LLM replica; three failures in a row replace it."
+    )
+    health_check_timeout_s: float = Field(30.0, gt=0, description="Seconds a health check may take before it counts as failed.")
     metrics_port: int = Field(
         0, ge=0, le=65535, description="Port of each node's metrics endpoint for Prometheus; 0 picks a free one."
     )
     limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
     autoscaling: AutoscalingConfig = AutoscalingConfig()
 
     @model_validator(mode="after")

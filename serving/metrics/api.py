@@ -31,6 +31,12 @@ class APIMetrics:
             ["replica"],
             registry=self.registry,
         ).labels(replica=replica)
+        self.rate_limited = Counter(
+            f"{PREFIX}_http_requests_rate_limited",
+            "Requests refused with 429 because their API key used up its requests or tokens per minute.",
+            ["replica"],
+            registry=self.registry,
+        ).labels(replica=replica)
 
     def count_request(self, route: str, status: int, duration_s: float) -> None:
         self.http_requests.labels(replica=self._replica, route=route, status_class=f"{status // 100}xx").inc()

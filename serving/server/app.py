@@ -19,9 +19,11 @@ from serving.config import ServerConfig
 from serving.metrics import CONTENT_TYPE
 from serving.metrics.api import APIMetrics
 from serving.metrics.export import merge, render
+from serving.server.auth import SCOPE_KEY, APIKeys, RequireAPIKey
 from serving.server.http_errors import APIError, internal_error
 from serving.server.openai_api import LLMBackend, OpenAIServing
 from serving.server.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serving.server.rate_limit import RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +31,19 @@ PROBE_TIMEOUT_S = 10.0  # how long /health waits for an LLM replica to answer
 
 
 def create_app(
-    backend: LLMBackend, config: ServerConfig, metrics: APIMetrics, cluster_metrics: Callable[[], Awaitable[list[Metric]]]
+    backend: LLMBackend,
+    config: ServerConfig,
+    metrics: APIMetrics,
+    cluster_metrics: Callable[[], Awaitable[list[Metric]]],
+    keys: APIKeys,
 ) -> FastAPI:
-    """The API; GET /metrics answers `metrics` and what `cluster_metrics` gathers from every other process."""
-    serving = OpenAIServing(backend, config.limits)
+    """The API; GET /metrics answers `metrics` and what `cluster_metrics` gathers from every other process.
+    With `server.auth.require_api_key`, every route but /health needs one of `keys`."""
+    serving = OpenAIServing(backend, config.limits, RateLimiter(config.auth))
     app = FastAPI(title="llm-cluster", summary="OpenAI-compatible LLM inference on Ray")
     app.add_middleware(_LimitBody, max_bytes=config.limits.max_body_bytes)
+    if config.auth.require_api_key:
+        app.add_middleware(RequireAPIKey, keys=keys)  # outside the body limit: no key, no reading
     app.add_middleware(_CountRequests, metrics=metrics)
     _add_error_handlers(app, config, metrics)
 
@@ -43,12 +52,12 @@ def create_app(
         return await serving.models()
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest) -> Response:
-        return _respond(await serving.completions(request))
+    async def completions(request: CompletionRequest, http: Request) -> Response:
+        return _respond(await serving.completions(request, getattr(http.state, SCOPE_KEY, None)))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest) -> Response:
-        return _respond(await serving.chat(request))
+    async def chat_completions(request: ChatCompletionRequest, http: Request) -> Response:
+        return _respond(await serving.chat(request, getattr(http.state, SCOPE_KEY, None)))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -80,6 +89,8 @@ def _add_error_handlers(app: FastAPI, config: ServerConfig, metrics: APIMetrics)
         assert isinstance(error, APIError)
         if error.code == "overloaded":
             metrics.rejected.inc()
+        elif error.code == "rate_limit_exceeded":
+            metrics.rate_limited.inc()
         return error.response()
 
     async def validation_error(request: Request, error: Exception) -> Response:

@@ -26,6 +26,7 @@ from serving.errors import InvalidRequestError, LLMClusterError
 from serving.metrics.api import APIMetrics
 from serving.metrics.export import MetricsPusher, cluster_families
 from serving.server.app import create_app
+from serving.server.auth import APIKeys
 from serving.server.autoscaling import autoscaling_config
 from serving.server.http_errors import overloaded
 from serving.server.llm_replica import LLMDeployment
@@ -53,13 +54,15 @@ class APIIngress:
 
     def __init__(self, llm: DeploymentHandle, config: dict[str, Any]) -> None:
         self.config = LLMConfig.model_validate(config)
+        self.keys = APIKeys.load(self.config.server.auth)  # fails the replica when keys are required and there are none
         self.backend = ServeLLMClient(llm, self.config.server.retry_after_s)
         replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = APIMetrics(replica)
         self._pusher = MetricsPusher(f"api-{replica}", self.metrics.registry, self.config.server)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self.backend, self.config.server, self.metrics, lambda: cluster_families(exclude=self._pusher.source))
+        families = lambda: cluster_families(exclude=self._pusher.source)
+        return create_app(self.backend, self.config.server, self.metrics, families, self.keys)
 
     def __del__(self) -> None:
         self._pusher.stop()
@@ -130,15 +133,23 @@ def build(config: LLMConfig) -> serve.Application:
     data = config.model_dump(mode="json")
     llm = LLMDeployment.options(**_llm_options(server)).bind(data)
     capacity = server.max_ongoing_requests * server.max_replicas + server.max_queued_requests + API_HEADROOM_REQUESTS
-    return APIIngress.options(max_ongoing_requests=capacity).bind(llm, data)
+    return APIIngress.options(max_ongoing_requests=capacity, **_drain_options(server)).bind(llm, data)
+
+
+def _drain_options(server: ServerConfig) -> dict[str, Any]:
+    """A replica being removed (scale-in, redeploy, shutdown) gets no new requests and finishes the ones it
+    has for up to drain_timeout_s; streams pass through the API replicas, so they drain too."""
+    return {"graceful_shutdown_timeout_s": server.autoscaling.drain_timeout_s, "graceful_shutdown_wait_loop_s": 0.5}
 
 
 def _llm_options(server: ServerConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "max_ongoing_requests": server.max_ongoing_requests,
         "max_queued_requests": server.max_queued_requests,
-        # a replica being removed gets no new requests and finishes the ones it has for up to this long
-        "graceful_shutdown_timeout_s": server.autoscaling.drain_timeout_s,
+        # Serve calls check_health this often and replaces the replica after three failures in a row
+        "health_check_period_s": server.health_check_period_s,
+        "health_check_timeout_s": server.health_check_timeout_s,
+        **_drain_options(server),
     }
     if server.max_replicas > server.min_replicas:
         options["autoscaling_config"] = autoscaling_config(server)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.engine.sequence import TokenLogprob
+from serving.server.http_errors import bad_request
 from serving.server.messages import ChoiceDelta, GenerationDelta
 from serving.tokenizer import Tokenizer
 
@@ -14,6 +15,22 @@ from serving.tokenizer import Tokenizer
 class Prompt:
     token_ids: list[int]
     text: str | None  # None for prompts given as token ids: decoded only when echoed
+
+
+def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    """One Prompt per prompt in the request; text prompts are tokenized later, token ids pass as they are."""
+    items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+    if not items:
+        raise bad_request("the prompt is empty", "prompt")
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            if not item:
+                raise bad_request("the prompt is empty", "prompt")
+            prompts.append(Prompt([], item))
+        else:
+            prompts.append(Prompt(list(item), None))
+    return prompts
 
 
 class ResponseFormat(ABC):

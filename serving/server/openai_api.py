@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from serving.config import LimitsConfig
 from serving.engine.sampling_params import SamplingParams
 from serving.errors import LLMClusterError
-from serving.server.formats import ChatFormat, CompletionFormat, Prompt, ResponseFormat
+from serving.server.formats import ChatFormat, CompletionFormat, Prompt, ResponseFormat, completion_prompts
 from serving.server.http_errors import (
     APIError,
     bad_request,
@@ -25,6 +25,7 @@ from serving.server.http_errors import (
     internal_error,
     model_not_found,
 )
+from serving.server.limits import limit_messages, limit_prompt, limit_sampling
 from serving.server.messages import GenerationDelta, ModelInfo
 from serving.server.openai_protocol import (
     ChatCompletionRequest,
@@ -32,6 +33,7 @@ from serving.server.openai_protocol import (
     CompletionRequest,
     SamplingRequest,
 )
+from serving.server.rate_limit import RateLimiter
 from serving.server.streams import close_all, gather_or_cancel, merge
 from serving.tokenizer import Tokenizer
 
@@ -73,12 +75,14 @@ class _Job:
     stream: bool
     include_usage: bool
     param_names: Mapping[str, str]  # engine parameter names to this endpoint's names
+    api_key: str | None  # the caller's key id when keys are required: rate limits apply to it
 
 
 class OpenAIServing:
-    def __init__(self, backend: LLMBackend, limits: LimitsConfig) -> None:
+    def __init__(self, backend: LLMBackend, limits: LimitsConfig, rate_limiter: RateLimiter) -> None:
         self.backend = backend
         self.limits = limits
+        self.rate_limiter = rate_limiter
         self.created = int(time.time())
 
     async def models(self) -> dict[str, Any]:
@@ -86,36 +90,40 @@ class OpenAIServing:
         card = {"id": info.name, "object": "model", "created": self.created, "owned_by": "llm-cluster", "max_model_len": info.max_model_len}
         return {"object": "list", "data": [card]}
 
-    async def completions(self, request: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+    async def completions(self, request: CompletionRequest, api_key: str | None = None) -> dict[str, Any] | AsyncIterator[str]:
         info = await self._model(request.model)
         if request.suffix is not None:
             raise bad_request("suffix is not supported", "suffix")
         with _engine_errors({}):
             params = self._params(request, logprobs=request.logprobs, prompt_logprobs=request.logprobs if request.echo else None)
-        prompts = _completion_prompts(request.prompt)
+        prompts = completion_prompts(request.prompt)
         if len(prompts) * params.n > self.limits.max_n:
             raise bad_request(f"prompts times n must be at most {self.limits.max_n}", "prompt")
         for prompt in prompts:
             if prompt.text is not None:
                 prompt.token_ids = info.tokenizer.encode(prompt.text)
+            with _engine_errors({}):
+                limit_prompt(prompt.token_ids, self.limits)
         fmt = CompletionFormat(info.tokenizer, request.echo)
-        return await self._run(_Job(info.name, prompts, params, fmt, request.stream, _include_usage(request), {}))
+        return await self._run(_Job(info.name, prompts, params, fmt, request.stream, _include_usage(request), {}, api_key))
 
-    async def chat(self, request: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+    async def chat(self, request: ChatCompletionRequest, api_key: str | None = None) -> dict[str, Any] | AsyncIterator[str]:
         info = await self._model(request.model)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         max_tokens_name = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
         names = {"prompt": "messages", "logprobs": "top_logprobs", "max_tokens": max_tokens_name}
         with _engine_errors(names):
+            limit_messages(len(request.messages), self.limits)
             params = self._params(
                 request,
                 max_tokens=request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens,
                 logprobs=(request.top_logprobs or 0) if request.logprobs else None,
             )
             prompt = _chat_prompt(request.messages, info.tokenizer)
+            limit_prompt(prompt.token_ids, self.limits)
         fmt = ChatFormat(info.tokenizer)
-        return await self._run(_Job(info.name, [prompt], params, fmt, request.stream, _include_usage(request), names))
+        return await self._run(_Job(info.name, [prompt], params, fmt, request.stream, _include_usage(request), names, api_key))
 
     async def _model(self, name: str) -> ModelInfo:
         info = await self.backend.model_info()
@@ -128,17 +136,23 @@ class OpenAIServing:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
         if request.n is not None and request.n > self.limits.max_n:
             raise bad_request(f"n must be at most {self.limits.max_n}", "n")
-        fields = {name: value for name in _SAMPLING_FIELDS if (value := getattr(request, name)) is not None}
-        return SamplingParams(**(fields | overrides))
+        fields = {name: value for name in _SAMPLING_FIELDS if (value := getattr(request, name)) is not None} | overrides
+        params = SamplingParams(**fields)
+        limit_sampling(params, self.limits, max_tokens_given=fields.get("max_tokens") is not None)
+        return params
 
     async def _run(self, job: _Job) -> dict[str, Any] | AsyncIterator[str]:
+        if job.api_key is not None:
+            self.rate_limiter.admit(job.api_key, sum(len(p.token_ids) for p in job.prompts))
         request_id = f"{job.format.id_prefix}-{uuid.uuid4().hex}"
         ids = [f"{request_id}-{i}" for i in range(len(job.prompts))]
         if not job.stream:
             with _engine_errors(job.param_names):
                 calls = [self.backend.complete(p.token_ids, job.params, rid) for p, rid in zip(job.prompts, ids)]
                 results = await gather_or_cancel(calls)
-            return self._response(job, request_id, results)
+            response = self._response(job, request_id, results)
+            self._charge(job, response["usage"]["completion_tokens"])
+            return response
         streams = [self.backend.generate(p.token_ids, job.params, rid) for p, rid in zip(job.prompts, ids)]
         try:
             with _engine_errors(job.param_names):
@@ -150,9 +164,7 @@ class OpenAIServing:
 
     def _response(self, job: _Job, request_id: str, results: list[GenerationDelta]) -> dict[str, Any]:
         fmt, n = job.format, job.params.n
-        choices = [
-            fmt.choice(i * n + c.index, job.prompts[i], result, c) for i, result in enumerate(results) for c in result.choices
-        ]
+        choices = [fmt.choice(i * n + c.index, job.prompts[i], result, c) for i, result in enumerate(results) for c in result.choices]
         body = {"id": request_id, "object": fmt.object, "created": int(time.time()), "model": job.model, "choices": choices}
         completion_tokens = sum(len(c.token_ids) for result in results for c in result.choices)
         return body | {"usage": _usage(sum(r.num_prompt_tokens for r in results), completion_tokens)}
@@ -185,23 +197,12 @@ class OpenAIServing:
                 logger.exception("request %s failed mid-stream", request_id)
             yield _event(api_error.body())
         finally:
+            self._charge(job, completion_tokens)
             await close_all(streams)
 
-
-def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
-    """One Prompt per prompt in the request; text prompts are tokenized later, token ids pass as they are."""
-    items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
-    if not items:
-        raise bad_request("the prompt is empty", "prompt")
-    prompts = []
-    for item in items:
-        if isinstance(item, str):
-            if not item:
-                raise bad_request("the prompt is empty", "prompt")
-            prompts.append(Prompt([], item))
-        else:
-            prompts.append(Prompt(list(item), None))
-    return prompts
+    def _charge(self, job: _Job, generated_tokens: int) -> None:
+        if job.api_key is not None:
+            self.rate_limiter.record(job.api_key, generated_tokens)
 
 
 def _chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer) -> Prompt:
