@@ -20,8 +20,9 @@ from serving.errors import EngineDeadError, InvalidRequestError, LLMClusterError
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: LLMConfig) -> None:
-        self.engine = LLMEngine(config)
+    def __init__(self, config: LLMConfig, collect_stats: bool = False) -> None:
+        """`collect_stats`: keep the engine's measurements for `take_stats`, which the owner must then call regularly."""
+        self.engine = LLMEngine(config, collect_stats=collect_stats)
         self._lock = threading.Lock()
         # what the steps measured, taken inside each locked step; its own lock is held for microseconds only,
         # so a metrics thread never waits behind a step (the step lock is not fair and can starve it)

@@ -15,7 +15,7 @@ from serving.engine.sampler import sample, top_logprobs
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from serving.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
-from serving.engine.stats import EngineStepStats
+from serving.engine.stats import EngineStepStats, mark_scheduled, mark_token
 from serving.errors import ContextLengthError, InvalidRequestError
 from serving.models.arch import ModelArch, model_limits
 from serving.models.source import resolve_model
@@ -30,7 +30,8 @@ class LLMEngine:
     the same engine in lockstep: the logits are gathered on all ranks, so all make the same choices.
     """
 
-    def __init__(self, config: LLMConfig, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, config: LLMConfig, tp: TensorParallel = SINGLE, collect_stats: bool = False) -> None:
+        """`collect_stats`: keep measurements for `take_stats` (only for an owner that takes them regularly)."""
         self.config = config
         self.model_dir: Path = resolve_model(config.model.source)
         if config.parallel.backend == "deepspeed":  # any Hugging Face causal LM, run by transformers + DeepSpeed
@@ -59,7 +60,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.pipeline_depth = config.parallel.pipeline_parallel
         self.in_flight: deque[tuple[SchedulerOutput, list[SeqChunk], object]] = deque()
-        self.stats = EngineStepStats()
+        self.stats: EngineStepStats | None = EngineStepStats() if collect_stats else None
 
     def _max_model_len(self, limit: int) -> int:
         asked = self.config.model.max_model_len
@@ -120,7 +121,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
-        self.stats.record_finished(request)
+        if self.stats is not None:
+            self.stats.record_finished(request)
         return self._output(request)
 
     # the step
@@ -141,7 +143,7 @@ class LLMEngine:
             chunks = [self._chunk(item) for item in scheduled.scheduled]
             handle = self.runner.submit(StepInput(chunks, scheduled.block_copies))
             self.scheduler.launched(scheduled)
-            self.stats.record_scheduled(scheduled.scheduled)
+            mark_scheduled(scheduled.scheduled)
             self.in_flight.append((scheduled, chunks, handle))
         if not self.in_flight:
             return []
@@ -162,7 +164,8 @@ class LLMEngine:
             outputs.append(self._output(request))
             if request.is_finished:
                 del self.requests[request.request_id]
-                self.stats.record_finished(request)
+                if self.stats is not None:
+                    self.stats.record_finished(request)
         return outputs
 
     @staticmethod
@@ -203,8 +206,10 @@ class LLMEngine:
                 request.prompt_logprobs.append(top_logprobs(log_probs[i], request.prompt_token_ids[target], request.params.prompt_logprobs))
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> None:
-        params = seq.request.params
-        self.stats.record_token(seq)
+        params, now = seq.request.params, time.monotonic()
+        if self.stats is not None:
+            self.stats.record_token(seq, now)
+        mark_token(seq, now)
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -268,7 +273,9 @@ class LLMEngine:
     # state for metrics and health
 
     def take_stats(self) -> EngineStepStats:
-        """What the steps since the previous call measured; starts a new collection."""
+        """What the steps since the previous call measured (nothing without `collect_stats`); starts a new collection."""
+        if self.stats is None:
+            return EngineStepStats()
         stats, self.stats = self.stats, EngineStepStats()
         return stats
 

@@ -2,8 +2,11 @@
 
 The engine only records plain numbers here (it must not depend on any metrics library); the LLM
 replica takes them periodically (`LLMEngine.take_stats`) and turns them into Prometheus metrics.
+The measurements pile up until they are taken, so only an engine whose owner takes them regularly
+collects them (`collect_stats`); the request timestamps they come from are kept either way.
 All times are seconds of `time.monotonic()`.
 """
+
 from __future__ import annotations
 
 import time
@@ -49,22 +52,15 @@ class EngineStepStats:
         self.inter_token_latency_s += later.inter_token_latency_s
         self.finished += later.finished
 
-    def record_scheduled(self, scheduled: Iterable[ScheduledSeq]) -> None:
-        now = time.monotonic()
-        for item in scheduled:
-            if item.seq.request.scheduled_time is None:
-                item.seq.request.scheduled_time = now
-
-    def record_token(self, seq: Sequence) -> None:
-        """A token was sampled for `seq`: the request's first (TTFT) or one more of this sequence's (ITL)."""
-        now, request = time.monotonic(), seq.request
+    def record_token(self, seq: Sequence, now: float) -> None:
+        """A token was sampled for `seq` at `now`, before `mark_token` moved its timestamps: the request's
+        first (TTFT) or one more of this sequence's (ITL)."""
+        request = seq.request
         if request.first_token_time is None:
-            request.first_token_time = now
             self.time_to_first_token_s.append(now - request.arrival_time)
             self.prompt_tokens += request.num_prompt_tokens
         elif seq.last_token_time is not None:
             self.inter_token_latency_s.append(now - seq.last_token_time)
-        seq.last_token_time = now
         self.generation_tokens += 1
 
     def record_finished(self, request: Request) -> None:
@@ -84,3 +80,18 @@ class EngineStepStats:
                 e2e_s=now - request.arrival_time,
             )
         )
+
+
+def mark_scheduled(scheduled: Iterable[ScheduledSeq]) -> None:
+    """Stamp the requests a step computes for the first time."""
+    now = time.monotonic()
+    for item in scheduled:
+        if item.seq.request.scheduled_time is None:
+            item.seq.request.scheduled_time = now
+
+
+def mark_token(seq: Sequence, now: float) -> None:
+    """Stamp a token sampled for `seq` at `now`: the request's first token time and the sequence's latest."""
+    if seq.request.first_token_time is None:
+        seq.request.first_token_time = now
+    seq.last_token_time = now
