@@ -1,6 +1,8 @@
 """Metrics from a real engine run, the documented metric table, merging snapshots, and the autoscaling policy."""
+
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import deque
 from pathlib import Path
@@ -11,8 +13,10 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.config import AutoscalingContext
 
 from serving.config import LLMConfig
+from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
+from serving.engine.stats import EngineStepStats
 from serving.metrics.api import APIMetrics
 from serving.metrics.export import merge, render
 from serving.metrics.replica import EngineState, ReplicaMetrics
@@ -27,12 +31,24 @@ def samples(text: str) -> dict[tuple[str, frozenset], float]:
 
 def engine_state(engine: LLMEngine) -> EngineState:
     blocks = engine.blocks
-    return EngineState(engine.num_running, engine.num_waiting, blocks.usage, blocks.prefix_queries, blocks.prefix_hits, engine.scheduler.num_preemptions, True)
+    return EngineState(
+        engine.num_running,
+        engine.num_waiting,
+        blocks.usage,
+        blocks.prefix_queries,
+        blocks.prefix_hits,
+        engine.scheduler.num_preemptions,
+        True,
+    )
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model) -> LLMEngine:
-    return LLMEngine(LLMConfig.model_validate({"model": {"source": str(tiny_model)}, "engine": {"block_size": 4, "kv_cache_memory_gb": 0.02}}))
+    return LLMEngine(tiny_config(tiny_model), collect_stats=True)
+
+
+def tiny_config(tiny_model) -> LLMConfig:
+    return LLMConfig.model_validate({"model": {"source": str(tiny_model)}, "engine": {"block_size": 4, "kv_cache_memory_gb": 0.02}})
 
 
 def test_engine_run_becomes_counters_and_histograms(engine):
@@ -68,6 +84,30 @@ def test_engine_run_becomes_counters_and_histograms(engine):
     assert value("llmcluster_prefix_cache_queries_total") == engine.blocks.prefix_queries > 0
 
 
+def test_engines_nobody_takes_stats_from_keep_none(tiny_model):
+    """Offline use (LLM.generate, llmcluster generate, benchmarks, AsyncLLMEngine outside Serve) never takes the
+    stats, so a long run must not pile them up; the request timestamps the outputs carry are still set."""
+    engine = LLMEngine(tiny_config(tiny_model))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for i in range(40):
+        engine.add_request(f"r{i}", [1 + i % 7, 2, 3], params)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert engine.stats is None
+    assert engine.take_stats() == EngineStepStats()
+    assert all(o.first_token_time is not None for o in outputs)
+
+    async def run(engine: AsyncLLMEngine) -> None:
+        for i in range(20):
+            async for _ in engine.generate([1, 2, 3 + i], params):
+                pass
+
+    async_engine = AsyncLLMEngine(tiny_config(tiny_model))
+    asyncio.run(run(async_engine))
+    assert async_engine.take_stats() == EngineStepStats()
+
+
 def test_counters_grow_by_what_changed_since_the_last_update(engine):
     metrics = ReplicaMetrics("tiny", "r1", 1, 1)
     empty = engine.take_stats()
@@ -96,7 +136,10 @@ def test_snapshots_of_several_processes_merge_into_one_family_each():
     text = render(merge([*one.registry.collect(), *two.registry.collect()])).decode()
     assert text.count("# TYPE llmcluster_http_requests_total counter") == 1
     values = samples(text)
-    assert values[("llmcluster_http_requests_total", frozenset({("replica", "b"), ("route", "/v1/completions"), ("status_class", "5xx")}))] == 1
+    assert (
+        values[("llmcluster_http_requests_total", frozenset({("replica", "b"), ("route", "/v1/completions"), ("status_class", "5xx")}))]
+        == 1
+    )
     assert values[("llmcluster_http_requests_rejected_total", frozenset({("replica", "b")}))] == 1
     assert values[("llmcluster_http_requests_rejected_total", frozenset({("replica", "a")}))] == 0
 
@@ -106,26 +149,41 @@ TARGETS = {"waiting": 2.0, "kv_cache_usage": 0.8, "ttft_s": 1.0}
 
 def test_replicas_needed_takes_the_tightest_signal():
     idle = {"waiting": {"a": 0.0, "b": 0.0}, "kv_cache_usage": {"a": 0.2, "b": 0.2}, "ttft_s": {"a": 0.1, "b": 0.3}}
-    assert replicas_needed(idle, TARGETS) == pytest.approx(0.5)  # KV: 2 replicas x 0.2 / 0.8
+    assert replicas_needed(idle, 0.0, TARGETS) == pytest.approx(0.5)  # KV: 2 replicas x 0.2 / 0.8
     queued = idle | {"waiting": {"a": 5.0, "b": 3.0}}
-    assert replicas_needed(queued, TARGETS) == pytest.approx(4.0)
+    assert replicas_needed(queued, 0.0, TARGETS) == pytest.approx(4.0)
+    assert replicas_needed(queued, 4.0, TARGETS) == pytest.approx(6.0), "requests queued in front of the replicas wait too"
     slow = idle | {"ttft_s": {"a": 3.0, "b": 2.0}}
-    assert replicas_needed(slow, TARGETS) == pytest.approx(5.0)
+    assert replicas_needed(slow, 0.0, TARGETS) == pytest.approx(5.0)
 
 
-def test_forecast_extends_a_rising_trend_only():
-    assert forecast(deque([(0.0, 1.0), (10.0, 2.0)]), at=30.0) == pytest.approx(4.0)
-    assert forecast(deque([(0.0, 3.0), (10.0, 2.0)]), at=30.0) == 2.0
-    assert forecast(deque([(5.0, 2.0)]), at=30.0) == 2.0
+def test_forecast_extends_a_steady_rise_only():
+    rising = deque([(float(t), 1.0 + 0.1 * t) for t in range(11)])  # 1.0 .. 2.0 over 10 s
+    assert forecast(rising, at=15.0, min_span_s=5.0) == pytest.approx(2.5)
+    assert forecast(rising, at=100.0, min_span_s=5.0) == pytest.approx(4.0), "at most twice the current need"
+    falling = deque([(float(t), 3.0 - 0.1 * t) for t in range(11)])
+    assert forecast(falling, at=30.0, min_span_s=5.0) == pytest.approx(2.0)
+    assert forecast(deque([(5.0, 2.0)]), at=30.0, min_span_s=5.0) == 2.0
+    assert forecast(deque([(0.0, 1.0), (2.0, 2.0)]), at=30.0, min_span_s=5.0) == 2.0, "two seconds are no trend yet"
 
 
-def context(current: int, metrics: dict[str, dict[str, float]]) -> AutoscalingContext:
+def test_forecast_does_not_amplify_noise():
+    """A flat need with one late jump (a burst, or a replica's average moving): the old end-to-end slope
+    (2 / 0.1 s) times a 600 s start-up asked for hundreds of replicas; the fit over the window and the cap don't."""
+    history = deque([(t / 10, 1.0) for t in range(100)] + [(10.0, 3.0)])
+    planned = forecast(history, at=610.0, min_span_s=5.0)
+    assert 3.0 <= planned <= 6.0
+    noisy = deque([(t / 10, 1.0 + 0.3 * (t % 2)) for t in range(101)])  # 1.0, 1.3, 1.0, ... : no trend
+    assert forecast(noisy, at=610.0, min_span_s=5.0) <= 2 * 1.3
+
+
+def context(current: int, metrics: dict[str, dict[str, float]], at: float, queued: float = 0.0) -> AutoscalingContext:
     return AutoscalingContext(
         deployment_id=DeploymentID(name="LLMDeployment", app_name="llm"), deployment_name="LLMDeployment", app_name="llm",
         current_num_replicas=current, target_num_replicas=current, running_replicas=[], total_num_requests=0.0,
-        total_queued_requests=0.0, aggregated_metrics=metrics, raw_metrics={}, capacity_adjusted_min_replicas=1,
+        total_queued_requests=queued, aggregated_metrics=metrics, raw_metrics={}, capacity_adjusted_min_replicas=1,
         capacity_adjusted_max_replicas=4, policy_state={}, last_scale_up_time=None, last_scale_down_time=None,
-        current_time=None, config=None,
+        current_time=at, config=None,
     )  # fmt: skip
 
 
@@ -133,23 +191,23 @@ def signals(waiting: float, startup_s: float) -> dict[str, dict[str, float]]:
     return {"waiting": {"a": waiting}, "kv_cache_usage": {"a": 0.1}, "ttft_s": {"a": 0.2}, "startup_s": {"a": startup_s}}
 
 
-def policy_at(times: list[float], monkeypatch) -> LLMAutoscalingPolicy:
-    clock = iter(times)
-    monkeypatch.setattr("serving.server.autoscaling.time.monotonic", lambda: next(clock))
-    return LLMAutoscalingPolicy(1, 4, target_waiting_requests=2, target_kv_cache_usage=0.8, target_ttft_s=1, look_back_period_s=30)
+def policy() -> LLMAutoscalingPolicy:
+    return LLMAutoscalingPolicy(target_waiting_requests=2, target_kv_cache_usage=0.8, target_ttft_s=1, look_back_period_s=10)
 
 
-def test_policy_scales_on_the_load_within_bounds(monkeypatch):
-    policy = policy_at([0.0, 1.0, 2.0, 3.0], monkeypatch)
-    assert policy(context(1, signals(0, 0)))[0] == 1
-    assert policy(context(1, signals(2.5, 0)))[0] == 2, "1.25 replicas needed"
-    assert policy(context(2, signals(100.0, 0)))[0] == 4, "never above max_replicas"
-    assert policy(context(0, {}))[0] == 0, "before any replica reports, keep Serve's target"
+def test_policy_scales_on_the_load():
+    scaler = policy()
+    assert scaler(context(1, signals(0, 0), at=0.0))[0] == 1
+    assert scaler(context(1, signals(2.5, 0), at=1.0))[0] == 2, "1.25 replicas needed"
+    assert scaler(context(2, signals(0, 0), at=2.0, queued=5.0))[0] == 3, "2.5 replicas needed for the queue"
+    assert scaler(context(2, signals(100.0, 0), at=3.0))[0] == 50, "Serve applies max_replicas, not the policy"
+    assert scaler(context(0, {}, at=4.0))[0] == 0, "before any replica reports, keep Serve's target"
 
 
-@pytest.mark.parametrize("startup_s, expected", [(0.0, 2), (10.0, 3)])
-def test_policy_plans_for_the_replica_start_up_time(monkeypatch, startup_s, expected):
-    policy = policy_at([0.0, 5.0], monkeypatch)
-    policy(context(1, signals(2.0, startup_s)))  # 1.0 replicas needed
-    # 1.5 needed now, rising by 0.1 per second: in `startup_s` seconds 1.5 + 0.1 * startup_s
-    assert policy(context(1, signals(3.0, startup_s)))[0] == expected
+@pytest.mark.parametrize("startup_s, expected", [(0.0, 2), (10.0, 3), (600.0, 3)])
+def test_policy_plans_for_the_replica_start_up_time(startup_s, expected):
+    scaler = policy()
+    for t in range(6):  # 1.0 replicas needed, rising by 0.1 per second to 1.5
+        decision = scaler(context(1, signals(2.0 + 0.2 * t, startup_s), at=float(t)))[0]
+    # in `startup_s` seconds 1.5 + 0.1 * startup_s, but never more than twice the 1.5 needed now
+    assert decision == expected

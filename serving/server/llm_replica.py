@@ -1,4 +1,5 @@
 """The LLM deployment: each replica owns one engine and streams output deltas to the API replicas."""
+
 from __future__ import annotations
 
 import os
@@ -28,16 +29,20 @@ class LLMDeployment:
     """One engine; streams output deltas of each request to the API replica that asked."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        started = time.monotonic()
         self.config = LLMConfig.model_validate(config)
-        self.engine = AsyncLLMEngine(_with_threads(self.config))
+        self.engine = AsyncLLMEngine(_with_threads(self.config), collect_stats=True)  # the pusher takes them every second
         self.replica = serve.get_replica_context().replica_id.unique_id
         parallel, engine = self.config.parallel, self.engine.engine
         self.metrics = ReplicaMetrics(engine.model_name, self.replica, parallel.tensor_parallel, parallel.pipeline_parallel)
         self.metrics.model_load.set(engine.model_load_s)
-        # from the start of this worker process: what adding a replica costs, which the autoscaler plans for
-        self.startup_s = time.time() - psutil.Process().create_time()
+        # from the constructor's start (Ray may hand Serve a worker process started long before): what adding a
+        # replica costs, which the autoscaler plans for
+        self.startup_s = time.monotonic() - started
         self.metrics.startup.set(self.startup_s)
+        # only the pusher's thread touches the deque; Serve's thread reads the float it publishes (one assignment)
         self._recent_ttft: deque[tuple[float, float]] = deque()  # (when, seconds) within the look-back period
+        self._mean_ttft_s = 0.0
         self._pusher = MetricsPusher(f"llm-{self.replica}", self.metrics.registry, self.config.server, self._refresh_metrics)
 
     def __del__(self) -> None:
@@ -94,12 +99,10 @@ class LLMDeployment:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler averages these per replica over the look-back period (serving/server/autoscaling.py)."""
         engine = self.engine.engine
-        ttfts = [ttft for _, ttft in self._recent_ttft]
         return {
             "waiting": engine.num_waiting,
-            "running": engine.num_running,
             "kv_cache_usage": engine.blocks.usage,
-            "ttft_s": sum(ttfts) / len(ttfts) if ttfts else 0.0,
+            "ttft_s": self._mean_ttft_s,
             "startup_s": self.startup_s,
         }
 
@@ -121,6 +124,7 @@ class LLMDeployment:
         self._recent_ttft.extend((now, ttft) for ttft in step.time_to_first_token_s)
         while self._recent_ttft and self._recent_ttft[0][0] < now - self.config.server.autoscaling.look_back_period_s:
             self._recent_ttft.popleft()
+        self._mean_ttft_s = sum(ttft for _, ttft in self._recent_ttft) / len(self._recent_ttft) if self._recent_ttft else 0.0
 
 
 def _with_threads(config: LLMConfig) -> LLMConfig:
