@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# All GPU checks in one go (under 6 minutes on one H100/H200): the CUDA correctness tests, then
-# the 8B-shaped throughput benchmark against transformers. Drives the engine directly (no Ray).
+# All GPU checks in one go (under 6 minutes on one H100/H200): the CUDA correctness tests, the
+# 8B-shaped throughput benchmark against transformers, then the serving benchmark's closed loop
+# (concurrency 1..64) on the same random model. Drives the engine directly (no Ray).
 # Results land in $OUT (when set) or benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,5 +14,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_
 tests=${PIPESTATUS[0]}
 python3 -m benchmarks.gpu_bench --out "$out/gpu_bench.json" 2>&1 | grep -v "it/s\]$" | tee "$out/gpu_bench.log"
 bench=${PIPESTATUS[0]}
-echo "gpu tests exit $tests, benchmark exit $bench"
-exit $(( tests || bench ))
+python3 -m benchmarks.gpu_serving_bench --concurrency 1 4 16 64 --max-seconds-per-point 12 --out "$out" 2>&1 | grep -v "it/s\]$" | tee "$out/gpu_serving.log"
+serving=${PIPESTATUS[0]}
+echo "gpu tests exit $tests, benchmark exit $bench, serving benchmark exit $serving"
+exit $(( tests || bench || serving ))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -36,17 +37,17 @@ PROMPT_VOCAB = range(3, 380)  # ids the random model's (tiny) tokenizer can deco
 
 
 def prepare_model(folder: Path, tiny: bool, layers: int) -> None:
-    """Write the random model once; a folder from an earlier run with the same shape is reused."""
+    """Write the random model once; a complete folder of the same shape (from an earlier run, or
+    from benchmarks/gpu_bench.py in the same gpu_check.sh) is reused."""
     if tiny:
         make_tiny_llama(folder, num_layers=2)
         return
     from benchmarks.gpu_bench import LLAMA3_8B, write_random_model
 
     config = LLAMA3_8B | {"num_hidden_layers": layers}
-    marker = folder / f".random-{layers}-layers"
-    if not marker.exists():
+    config_path, index_path = folder / "config.json", folder / "model.safetensors.index.json"
+    if not (index_path.exists() and config_path.exists() and json.loads(config_path.read_text()) == config):
         write_random_model(folder, config)
-        marker.touch()
 
 
 async def sweep(engine: AsyncLLMEngine, concurrencies: list[int], args: argparse.Namespace) -> list[dict]:
