@@ -4,9 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 import torch
-from ray.cluster_utils import Cluster
 
 from serving.models.source import default_model_dir
 from serving.models.tiny import make_tiny_llama
@@ -28,6 +26,9 @@ def default_model() -> Path:
 @pytest.fixture(scope="module")
 def cluster():
     """A real multi-node Ray cluster: a 1-CPU head and two 3-CPU worker nodes, each its own raylet."""
+    import ray  # here, not at the top: the GPU machine runs tests/test_gpu.py without Ray
+    from ray.cluster_utils import Cluster
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for _ in range(2):
         cluster.add_node(num_cpus=3)
