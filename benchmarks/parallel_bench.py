@@ -40,7 +40,7 @@ def memory(folder: Path) -> dict:
     arch = ModelArch.from_folder(folder)
     reports = {}
     for tp in tqdm((1, 2), desc="TP memory"):
-        executor = RayExecutor(folder, arch, config(tp, 1, str(folder), kv_cache_gb=0.02), 512)  # the weights' share
+        executor = RayExecutor(folder, arch, config(tp, 1, str(folder), kv_cache_gb=0.05), 512)  # mostly the weights
         reports[tp] = executor.memory_reports()
         executor.shutdown()
     added = {tp: max(r["peak_rss"] - r["rss_before_load"] for r in rs) for tp, rs in reports.items()}
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/parallel.json"))
     args = parser.parse_args()
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # its own cluster, never a running one
     with tempfile.TemporaryDirectory() as tmp:
         mid = make_tiny_llama(Path(tmp) / "mid", num_layers=16, hidden_size=1024, num_heads=8, num_kv_heads=4, intermediate_size=2816)
         result = {"memory": memory(mid)}
