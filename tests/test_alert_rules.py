@@ -20,10 +20,19 @@ def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 def test_rules_are_valid():
     result = promtool("check", "rules", str(RULES))
-    assert result.returncode == 0 and "SUCCESS: 4 rules found" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "SUCCESS: 5 rules found" in result.stdout, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("alert", ["LLMClusterHighErrorRate", "LLMClusterTTFTSLOBreach", "LLMClusterKVCacheSaturated", "LLMClusterNoHealthyReplicas"])
+ALERTS = [
+    "LLMClusterHighErrorRate",
+    "LLMClusterRejectingRequests",
+    "LLMClusterTTFTSLOBreach",
+    "LLMClusterKVCacheSaturated",
+    "LLMClusterNoHealthyReplicas",
+]
+
+
+@pytest.mark.parametrize("alert", ALERTS)
 def test_every_alert_has_a_unit_test(alert):
     assert f"alertname: {alert}" in RULE_TESTS.read_text()
 
