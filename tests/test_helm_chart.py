@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serving.config import LLMConfig
+from serving.config import LLMConfig, ServerConfig
 from serving.server.deployments import SERVE_CONTROLLER_ENV
 from tests.chart import CHART, EXAMPLES, ROOT, crd_schemas, helm, render, render_error, serve_config, values_file
 
@@ -27,9 +28,12 @@ OBJECT_STORE = {
     "modelCache": {"type": "pvc", "pvc": {"existingClaim": "shared-cache"}},
     "llm": {"parallel": {"tensor_parallel": 1}},
 }
+PROMETHEUS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 EVERYTHING_ON = {
     "api": {"ingress": {"enabled": True}, "apiKeys": {"existingSecret": "keys"}},
+    "llm": {"server": {"port": 9000, "app_name": "chat"}},
     "monitoring": {name: {"enabled": True} for name in ("podMonitor", "prometheusRule", "grafanaDashboard")},
+    "networkPolicy": {"metricsFrom": PROMETHEUS, "apiFrom": [{"podSelector": {"matchLabels": {"role": "gateway"}}}]},
     "gcsFaultTolerance": {"enabled": True, "redisAddress": "redis:6379"},
     "modelCache": {"type": "pvc"},
 }
@@ -43,7 +47,6 @@ def renders(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
     out.update({path.stem: render(path) for path in EXAMPLES})
     out["object-store"] = render(values_file(tmp, OBJECT_STORE, "object-store.yaml"))
     out["everything-on"] = render(values_file(tmp, EVERYTHING_ON, "everything-on.yaml"))
-    out["service-monitor"] = render(values_file(tmp, {"monitoring": {"serviceMonitor": {"enabled": True}}}, "service-monitor.yaml"))
     return out
 
 
@@ -97,7 +100,56 @@ def test_serve_config_passes_ray_serve_schema_and_llm_config(renders):
         (app,) = config["applications"]
         assert app["import_path"] == "serving.server.deployments:build_app"
         llm = LLMConfig.model_validate(app["args"])
-        assert (llm.server.host, llm.server.port) == ("0.0.0.0", config["http_options"]["port"]), name
+        assert (llm.server.host, llm.server.port, llm.server.app_name) == ("0.0.0.0", config["http_options"]["port"], app["name"]), name
+
+
+def test_the_api_port_and_name_default_to_the_project_and_follow_llm_server(renders):
+    defaults = ServerConfig()
+    for name, port, app_name in [("default", defaults.port, defaults.app_name), ("everything-on", 9000, "chat")]:
+        config = serve_config(renders[name])
+        assert (config["http_options"]["port"], config["applications"][0]["name"]) == (port, app_name), name
+        (service,) = [o for o in renders[name] if o["kind"] == "RayService"]
+        assert service["spec"]["serveService"]["spec"]["ports"][0]["targetPort"] == port
+        for template in _pod_templates(renders[name]):
+            assert {"name": "serve", "containerPort": port} in template["spec"]["containers"][0]["ports"]
+        (policy,) = [o for o in renders[name] if o["kind"] == "NetworkPolicy"]
+        assert [p["port"] for p in policy["spec"]["ingress"][1]["ports"]] == [port]
+
+
+def test_kuberay_probes_are_left_in_place(renders):
+    """No probes of the chart's own: KubeRay's worker readiness probe includes the Serve proxy's health
+    (/-/healthz on the port named serve), which an override would drop; the image has the wget it runs."""
+    for name, objects in renders.items():
+        for template in _pod_templates(objects):
+            for container in template["spec"]["containers"]:
+                assert not {"startupProbe", "readinessProbe", "livenessProbe"} & set(container), name
+    assert re.search(r"apt-get install [^\n]*\bwget\b", (ROOT / "docker" / "Dockerfile").read_text())
+
+
+def test_an_api_key_secret_turns_the_key_check_on(renders):
+    def auth(name: str) -> dict[str, Any] | None:
+        return serve_config(renders[name])["applications"][0]["args"]["server"].get("auth")
+
+    assert auth("default") is None and LLMConfig.model_validate(serve_config(renders["default"])["applications"][0]["args"])
+    for name in ("everything-on", "llama-8b-tp2", "llama-70b-tp8-pp2"):
+        assert auth(name) == {"require_api_key": True}, name
+        args = serve_config(renders[name])["applications"][0]["args"]
+        assert LLMConfig.model_validate(args).server.auth.require_api_key
+        env = {e["name"]: e for e in _pod_templates(renders[name])[1]["spec"]["containers"][0]["env"]}
+        assert "LLMCLUSTER_API_KEYS" in env
+
+
+def test_the_test_pod_is_no_ray_pod_but_may_call_the_api(renders):
+    for name, objects in renders.items():
+        (pod,) = [o for o in objects if o["kind"] == "Pod"]
+        selectors = [o["spec"]["selector"]["matchLabels"] for o in objects if o["kind"] in ("PodDisruptionBudget", "PodMonitor")]
+        (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+        selectors.append(policy["spec"]["podSelector"]["matchLabels"])
+        for selector in selectors:
+            assert not selector.items() <= pod["metadata"]["labels"].items(), (name, selector)
+        api_rule = policy["spec"]["ingress"][1]
+        allowed = [peer.get("podSelector", {}).get("matchLabels", {}) for peer in api_rule.get("from", [])]
+        assert "from" not in api_rule or any(s.items() <= pod["metadata"]["labels"].items() for s in allowed if s), name
 
 
 def test_llm_values_become_the_application_args(renders):
@@ -152,7 +204,9 @@ def test_only_the_api_is_exposed(renders):
         assert [p["name"] for p in service["spec"]["serveService"]["spec"]["ports"]] == ["http"]
         (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
         open_rules = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
-        assert [[p["port"] for p in rule["ports"]] for rule in open_rules] == [[8000]], name
+        port = serve_config(objects)["http_options"]["port"]
+        expected = [] if name == "everything-on" else [[port]]  # everything-on: only networkPolicy.apiFrom reaches the API
+        assert [[p["port"] for p in rule["ports"]] for rule in open_rules] == expected, name
     ingresses = [o for o in renders["everything-on"] if o["kind"] == "Ingress"]
     backend = ingresses[0]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": "llm-llm-cluster-api", "port": {"name": "http"}}
@@ -185,10 +239,11 @@ def test_monitoring_objects_carry_the_shared_files(renders):
     ports = {p["name"]: p["containerPort"] for p in _pod_templates(renders["everything-on"])[1]["spec"]["containers"][0]["ports"]}
     args = serve_config(renders["everything-on"])["applications"][0]["args"]
     assert ports["llm-metrics"] == args["server"]["metrics_port"] == 9450 and ports["metrics"] == 8080
-    # or one target for the whole cluster: the API's /metrics through its Service
-    (service_monitor,) = [o for o in renders["service-monitor"] if o["kind"] == "ServiceMonitor"]
-    assert service_monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
-    assert service_monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "api"
+    # never the API's /metrics: every pod answers it with the whole cluster's series
+    assert not [o for objects in renders.values() for o in objects if o["kind"] == "ServiceMonitor"]
+    (policy,) = [o for o in renders["everything-on"] if o["kind"] == "NetworkPolicy"]
+    (metrics_rule,) = [rule for rule in policy["spec"]["ingress"] if rule.get("from") == PROMETHEUS]
+    assert [p["port"] for p in metrics_rule["ports"]] == [8080, 9450]
 
 
 def test_prometheus_rule_passes_promtool(renders, tmp_path):
@@ -240,9 +295,17 @@ def test_negative_replicas_fail(tmp_path):
     assert "at '/workerGroups/0/minReplicas': minimum: got -2, want 0" in message
 
 
-def test_scraping_the_same_metrics_twice_fails(tmp_path):
-    both = {"monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}
-    assert "enable serviceMonitor or podMonitor, not both" in render_error(values_file(tmp_path, both))
+def test_a_pod_monitor_the_network_policy_blocks_fails(tmp_path):
+    message = render_error(values_file(tmp_path, {"monitoring": {"podMonitor": {"enabled": True}}}))
+    assert "monitoring.podMonitor.enabled: the NetworkPolicy lets no one scrape the pods; set networkPolicy.metricsFrom" in message
+    assert render(values_file(tmp_path, {"monitoring": {"podMonitor": {"enabled": True}}, "networkPolicy": {"enabled": False}}))
+    message = render_error(values_file(tmp_path, {"monitoring": {"serviceMonitor": {"enabled": True}}}))
+    assert "at '/monitoring': additional properties 'serviceMonitor' not allowed" in message
+
+
+def test_key_checks_without_keys_fail(tmp_path):
+    message = render_error(values_file(tmp_path, {"llm": {"server": {"auth": {"require_api_key": True}}}}))
+    assert "llm.server.auth.require_api_key: no keys to accept; set api.apiKeys.existingSecret" in message
 
 
 def test_unknown_keys_fail(tmp_path):

@@ -78,8 +78,7 @@ def test_cpu_demo_serve_config_deploys_and_answers(ray_head, default_model, tmp_
     api_port, metrics_port = free_ports(2)
     local = {
         "model": {"type": "pvc", "pvc": {"claimName": "local", "mountPath": str(default_model.parent), "path": default_model.name}},
-        "llm": {"model": {"max_model_len": 512}, "engine": {"kv_cache_memory_gb": 0.25, "max_num_seqs": 4}},
-        "api": {"port": api_port},
+        "llm": {"model": {"max_model_len": 512}, "engine": {"kv_cache_memory_gb": 0.25, "max_num_seqs": 4}, "server": {"port": api_port}},
         "monitoring": {"metricsPort": metrics_port},
     }
     config = serve_config(render(CHART / "examples" / "cpu-demo.yaml", values_file(tmp_path, local)))

@@ -19,15 +19,44 @@ app.kubernetes.io/name: {{ include "llm-cluster.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- define "llm-cluster.labels" -}}
+{{/* The `helm test` pod's own: the selector labels would put it under the PodDisruptionBudget, the
+     NetworkPolicy's "release pods" rule and the PodMonitor. */}}
+{{- define "llm-cluster.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "llm-cluster.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "llm-cluster.commonLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-{{ include "llm-cluster.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{- define "llm-cluster.labels" -}}
+{{ include "llm-cluster.selectorLabels" . }}
+{{ include "llm-cluster.commonLabels" . }}
+{{- end }}
+
 {{- define "llm-cluster.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* What the project's code says (files/project-defaults.yaml, written by scripts/gen_chart_schema.py): the
+     defaults the templates need before the application validates its arguments. Parse with fromYaml. */}}
+{{- define "llm-cluster.projectDefaults" -}}
+{{ .Files.Get "files/project-defaults.yaml" | required "the chart's files/project-defaults.yaml is missing: run scripts/gen_chart_schema.py" }}
+{{- end }}
+
+{{/* The port of Serve's HTTP proxy in every pod: llm.server.port, else the project's default. */}}
+{{- define "llm-cluster.apiPort" -}}
+{{- $server := (.Values.llm | default dict).server | default dict }}
+{{- if hasKey $server "port" }}{{ $server.port }}{{ else }}{{ (include "llm-cluster.projectDefaults" . | fromYaml).server.port }}{{ end }}
+{{- end }}
+
+{{/* The Serve application's name: llm.server.app_name, else the project's default. */}}
+{{- define "llm-cluster.appName" -}}
+{{- $server := (.Values.llm | default dict).server | default dict }}
+{{- $server.app_name | default (include "llm-cluster.projectDefaults" . | fromYaml).server.app_name }}
 {{- end }}
 
 {{- define "llm-cluster.apiServiceName" -}}
@@ -81,26 +110,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* Ray's own health endpoint (raylet, and GCS on the head) on the dashboard agent; public under token auth. */}}
-{{- define "llm-cluster.probes" -}}
-startupProbe:
-  httpGet: {path: /api/healthz, port: 52365}
-  periodSeconds: 5
-  failureThreshold: 60
-readinessProbe:
-  httpGet: {path: /api/healthz, port: 52365}
-  periodSeconds: 10
-  timeoutSeconds: 5
-  failureThreshold: 3
-livenessProbe:
-  httpGet: {path: /api/healthz, port: 52365}
-  periodSeconds: 15
-  timeoutSeconds: 5
-  failureThreshold: 4
-{{- end }}
-
+{{/* KubeRay finds the Serve proxy by the port named "serve": its default worker readiness probe checks the
+     proxy's /-/healthz there, so a pod gets API traffic only while its proxy is healthy. */}}
 {{- define "llm-cluster.ports" -}}
-- {name: serve, containerPort: {{ .Values.api.port }}}
+- {name: serve, containerPort: {{ include "llm-cluster.apiPort" . }}}
 - {name: metrics, containerPort: 8080}
 - {name: llm-metrics, containerPort: {{ .Values.monitoring.metricsPort }}}
 - {name: dashboard-agent, containerPort: 52365}

@@ -13,8 +13,9 @@
 {{- if and (eq $m.type "objectStore") (not (regexMatch "^(s3|gs|az)://[^/]+" $m.objectStore.uri)) }}
 {{- fail "model.type is objectStore: set model.objectStore.uri to an s3://, gs:// or az:// bucket and prefix" }}
 {{- end }}
+{{- $defaults := include "llm-cluster.projectDefaults" . | fromYaml }}
 {{- $parallel := (.Values.llm | default dict).parallel | default dict }}
-{{- $tp := int ($parallel.tensor_parallel | default 1) }}
+{{- $tp := int ($parallel.tensor_parallel | default $defaults.parallel.tensor_parallel) }}
 {{- range .Values.workerGroups }}
 {{- if and (gt (int .gpus) 0) (lt (int .gpus) $tp) }}
 {{- fail (printf "llm.parallel.tensor_parallel=%d does not fit worker group %q: its pods have %d GPUs (workerGroups[].gpus), and one tensor-parallel group must fit on one node" $tp .name (int .gpus)) }}
@@ -23,16 +24,21 @@
 {{- fail (printf "worker group %q: minReplicas (%d) is above maxReplicas (%d)" .name (int .minReplicas) (int .maxReplicas)) }}
 {{- end }}
 {{- end }}
-{{- if and .Values.monitoring.serviceMonitor.enabled .Values.monitoring.podMonitor.enabled }}
-{{- fail "monitoring: enable serviceMonitor or podMonitor, not both; both would scrape every llmcluster_* series twice" }}
+{{- if and .Values.monitoring.podMonitor.enabled .Values.networkPolicy.enabled (not .Values.networkPolicy.metricsFrom) }}
+{{- fail "monitoring.podMonitor.enabled: the NetworkPolicy lets no one scrape the pods; set networkPolicy.metricsFrom to your Prometheus (like [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}])" }}
+{{- end }}
+{{- $auth := (((.Values.llm | default dict).server | default dict).auth | default dict) }}
+{{- if and $auth.require_api_key (not .Values.api.apiKeys.existingSecret) (not $auth.api_keys_file) }}
+{{- fail "llm.server.auth.require_api_key: no keys to accept; set api.apiKeys.existingSecret (a Secret with comma-separated keys)" }}
 {{- end }}
 {{- if and .Values.gcsFaultTolerance.enabled (not .Values.gcsFaultTolerance.redisAddress) }}
 {{- fail "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (host:port of an external Redis)" }}
 {{- end }}
 {{- end }}
 
-{{/* The application's arguments: the `llm` values (an LLMConfig) plus the fields the chart owns.
-     LLMConfig validation in the Serve application is the authority on everything else. */}}
+{{/* The application's arguments: the `llm` values (an LLMConfig) plus the fields the chart owns, and key
+     checks on whenever a Secret brings keys. LLMConfig validation in the Serve application is the
+     authority on everything else. */}}
 {{- define "llm-cluster.llmArgs" -}}
 {{- $args := deepCopy (.Values.llm | default dict) }}
 {{- $model := $args.model | default dict }}
@@ -43,9 +49,12 @@
 {{- $_ := set $args "model" $model }}
 {{- $server := $args.server | default dict }}
 {{- $_ := set $server "host" "0.0.0.0" }}
-{{- $_ := set $server "port" .Values.api.port }}
-{{- $_ := set $server "app_name" .Values.api.appName }}
+{{- $_ := set $server "port" (int (include "llm-cluster.apiPort" .)) }}
+{{- $_ := set $server "app_name" (include "llm-cluster.appName" .) }}
 {{- $_ := set $server "metrics_port" .Values.monitoring.metricsPort }}
+{{- if .Values.api.apiKeys.existingSecret }}
+{{- $_ := set $server "auth" (merge (dict "require_api_key" true) ($server.auth | default dict)) }}
+{{- end }}
 {{- $_ := set $args "server" $server }}
 {{- toYaml $args }}
 {{- end }}
@@ -54,8 +63,10 @@
      itself (build_app reads llm.server); the deployment override only keeps LLM replicas off the
      head: it has num-cpus 0, and a replica asks for a CPU (and its GPU when it runs the model alone). */}}
 {{- define "llm-cluster.serveConfig" -}}
+{{- $defaults := include "llm-cluster.projectDefaults" . | fromYaml }}
 {{- $parallel := (.Values.llm | default dict).parallel | default dict }}
-{{- $world := mul (int ($parallel.tensor_parallel | default 1)) (int ($parallel.pipeline_parallel | default 1)) }}
+{{- $tp := $parallel.tensor_parallel | default $defaults.parallel.tensor_parallel }}
+{{- $world := mul (int $tp) (int ($parallel.pipeline_parallel | default $defaults.parallel.pipeline_parallel)) }}
 {{- $actor := dict "num_cpus" 1 }}
 {{- if and (eq (int $world) 1) (include "llm-cluster.hasGPUs" .) }}
 {{- $_ := set $actor "num_gpus" 1 }}
@@ -63,17 +74,14 @@
 proxy_location: EveryNode
 http_options:
   host: 0.0.0.0
-  port: {{ .Values.api.port }}
-# SERVE_CONTROLLER_ENV of serving/server/deployments.py (tests/test_helm_chart.py keeps them equal)
+  port: {{ include "llm-cluster.apiPort" . }}
+# SERVE_CONTROLLER_ENV of serving/server/deployments.py, through files/project-defaults.yaml
 controller_options:
   runtime_env:
     env_vars:
-      RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S: "60"
-      RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S: "30"
-      RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD: "0"
-      RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S: "1"
+      {{- toYaml $defaults.serve_controller_env | nindent 6 }}
 applications:
-  - name: {{ .Values.api.appName }}
+  - name: {{ include "llm-cluster.appName" . }}
     route_prefix: /
     import_path: serving.server.deployments:build_app
     args:
