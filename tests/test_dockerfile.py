@@ -34,6 +34,13 @@ def test_pins_what_setup_pins():
     assert f'"deepspeed=={args["DEEPSPEED_VERSION"]}"' in setup
 
 
+def test_installs_the_ray_the_chart_declares():
+    args = dict(value[0].split("=", 1) for value in instructions("ARG"))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert args["RAY_VERSION"] == values["rayVersion"]
+    assert any('"ray[serve]==${RAY_VERSION}"' in value[0] for value in instructions("RUN"))
+
+
 def test_runs_as_the_chart_user_and_is_the_chart_default():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     user, group = instructions("USER")[-1][0].split(":")
