@@ -3,12 +3,15 @@
 Every replica process (LLM and API) keeps its metrics in its own prometheus_client registry and a
 `MetricsPusher` thread sends a snapshot every PUSH_INTERVAL_S to the `NodeMetricsExporter` actor of
 its node. The exporter serves the union of its node's snapshots at http://NODE_IP:PORT/metrics;
-the API's GET /metrics answers the union over all nodes (`cluster_families`). A snapshot that is not
-refreshed within SNAPSHOT_TTL_S (its process died) is dropped, so a removed replica's series vanish.
+the API's GET /metrics answers the union over all nodes (`cluster_families`, gathered at most once
+per CLUSTER_CACHE_S). A snapshot that is not refreshed within SNAPSHOT_TTL_S (its process died) is
+dropped, so a removed replica's series vanish.
 
 Exporters are detached actors named `exporter-<node id>` in the Ray namespace `llmcluster`; they
-outlive applications and go with their node (or the cluster).
+outlive applications and go with their node (or the cluster), or when the last source on their node
+is forgotten, so that the node can go idle (the next source there starts a new one).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "llmcluster"
 PUSH_INTERVAL_S = 1.0
 SNAPSHOT_TTL_S = 5.0
+REPORT_TIMEOUT_S = 10.0
+CLUSTER_CACHE_S = 1.0  # snapshots change once per PUSH_INTERVAL_S: scrapes within this share one gathering
 _NAME_PREFIX = "exporter-"
 
 
@@ -79,8 +84,14 @@ class NodeMetricsExporter:
             self._snapshots[source] = (time.monotonic(), families)
 
     def forget(self, source: str) -> None:
+        """Drop `source`'s series. With that the last live source of the node gone, the exporter leaves too:
+        a live actor keeps its node from ever counting as idle, and Ray's autoscaler removes only idle nodes."""
+        oldest = time.monotonic() - SNAPSHOT_TTL_S
         with self._lock:
             self._snapshots.pop(source, None)
+            last = all(at < oldest for at, _ in self._snapshots.values())
+        if last:
+            ray.actor.exit_actor()
 
     def collect(self, exclude: str | None = None) -> list[Metric]:
         """The merged snapshots of the sources alive, except `exclude`."""
@@ -111,8 +122,21 @@ def exporters() -> list[ray.actor.ActorHandle]:
     return [ray.get_actor(name, namespace=NAMESPACE) for name in names if name.startswith(_NAME_PREFIX)]
 
 
+_gathered: dict[str | None, tuple[float, asyncio.Task[list[Metric]]]] = {}  # exclude -> (started, gathering)
+
+
 async def cluster_families(exclude: str | None = None, timeout_s: float = 5.0) -> list[Metric]:
-    """The metrics of every process in the cluster except `exclude`; a node that does not answer is left out."""
+    """The metrics of every process in the cluster except `exclude`; a node that does not answer is left out.
+    Calls within CLUSTER_CACHE_S of a gathering (on the same event loop) share it instead of asking every node again."""
+    now, loop = time.monotonic(), asyncio.get_running_loop()
+    cached = _gathered.get(exclude)
+    if cached is None or now - cached[0] > CLUSTER_CACHE_S or cached[1].get_loop() is not loop:
+        cached = now, loop.create_task(_gather(exclude, timeout_s))
+        _gathered[exclude] = cached
+    return await asyncio.shield(cached[1])
+
+
+async def _gather(exclude: str | None, timeout_s: float) -> list[Metric]:
     handles = await asyncio.to_thread(exporters)
     calls = [asyncio.wait_for(asyncio.wrap_future(h.collect.remote(exclude).future()), timeout_s) for h in handles]
     results = await asyncio.gather(*calls, return_exceptions=True)
@@ -148,13 +172,15 @@ class MetricsPusher:
                 self._refresh()
                 if self._exporter is None:
                     self._exporter = node_exporter(self._port, self._local_only)
-                ray.get(self._exporter.report.remote(self.source, list(self._registry.collect())), timeout=10)
+                ray.get(self._exporter.report.remote(self.source, list(self._registry.collect())), timeout=REPORT_TIMEOUT_S)
             except Exception:  # a missed push only delays the metrics; find the exporter again
                 logger.warning("pushing metrics failed", exc_info=True)
                 self._exporter = None
 
     def stop(self) -> None:
-        """Stop pushing and take this source's series off the exporter at once."""
+        """Stop pushing and take this source's series off the exporter at once. The thread ends first, so
+        no push of it can follow (and undo) the forget; calls from one process reach the actor in order."""
         self._stop.set()
+        self._thread.join(REPORT_TIMEOUT_S + PUSH_INTERVAL_S)
         if self._exporter is not None:
             self._exporter.forget.remote(self.source)

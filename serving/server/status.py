@@ -1,12 +1,16 @@
 """`llmcluster status`: the application, its LLM replicas (layout, queue, KV usage, recent throughput).
 
 Everything comes from Serve's status and the per-node metrics exporters, so it shows every replica
-on every node, not just the one a handle call would reach. Needs a connected Ray driver.
+on every node, not just the one a handle call would reach; a node whose exporter does not answer is
+named and left out. Needs a connected Ray driver.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 from prometheus_client.metrics_core import Metric
@@ -14,6 +18,8 @@ from ray import serve
 
 from serving.metrics import PREFIX
 from serving.metrics.export import exporters, merge
+
+TIMEOUT_S = 10.0  # how long each round of questions waits for the node exporters
 
 
 @dataclass
@@ -34,10 +40,11 @@ def status_report(app_name: str, window_s: float = 2.0) -> tuple[bool, str]:
         replicas = ", ".join(f"{count} {state}" for state, count in deployment.replica_states.items()) or "none"
         lines.append(f"  {name}: {deployment.status.value}; replicas: {replicas}")
     handles = exporters()
-    before = _collect(handles)
+    silent: set[int] = set()
+    before = _collect(handles, silent)
     started = time.monotonic()
     time.sleep(window_s)
-    rows = _replicas(_collect(handles))
+    rows = _replicas(_collect(handles, silent))
     elapsed = time.monotonic() - started
     generated_before = {row.replica: row.values.get("generation_tokens_total", 0.0) for row in _replicas(before)}
     lines.append(f"  {'replica':<12} {'model':<24} {'TP×PP':<6} {'running':>7} {'waiting':>7} {'KV cache':>8} {'tokens/s':>9}")
@@ -49,13 +56,34 @@ def status_report(app_name: str, window_s: float = 2.0) -> tuple[bool, str]:
         )
     if not rows:
         lines.append("  no LLM replica reports metrics yet")
-    urls = ray.get([h.url.remote() for h in handles], timeout=10)
-    lines.append("Metrics endpoints (one per node): " + (", ".join(urls) or "none"))
+    urls = _answers(handles, lambda h: h.url.remote(), silent)
+    lines.append("Metrics endpoints (one per node): " + (", ".join(urls.values()) or "none"))
+    if silent:
+        lines.append(
+            f"{len(silent)} of {len(handles)} node metrics exporters did not answer within {TIMEOUT_S:.0f} s: their replicas are missing"
+        )
     return True, "\n".join(lines)
 
 
-def _collect(handles: list) -> list[Metric]:
-    return merge(family for families in ray.get([h.collect.remote() for h in handles], timeout=10) for family in families)
+def _collect(handles: list, silent: set[int]) -> list[Metric]:
+    answers = _answers(handles, lambda h: h.collect.remote(), silent)
+    return merge(family for families in answers.values() for family in families)
+
+
+def _answers(handles: list, call: Callable[[Any], ray.ObjectRef], silent: set[int]) -> dict[int, Any]:
+    """Each handle's answer to `call` by index, waiting TIMEOUT_S at most; the indices that do not answer
+    (or fail) are added to `silent`, and those already there are not asked again."""
+    refs = {call(h): i for i, h in enumerate(handles) if i not in silent}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=TIMEOUT_S) if refs else ([], [])
+    answers: dict[int, Any] = {}
+    for ref, index in refs.items():
+        try:
+            if ref not in ready:
+                raise TimeoutError
+            answers[index] = ray.get(ref)
+        except (TimeoutError, ray.exceptions.RayError):
+            silent.add(index)
+    return answers
 
 
 def _replicas(families: list[Metric]) -> list[ReplicaRow]:
