@@ -31,6 +31,7 @@ from serving.server.autoscaling import autoscaling_config
 from serving.server.http_errors import overloaded
 from serving.server.llm_replica import LLMDeployment
 from serving.server.messages import GenerationDelta, ModelInfo
+from serving.server.replica_resources import replica_actor_options
 
 # Environment of the Serve controller, inherited by the proxies and replicas it starts.
 SERVE_CONTROLLER_ENV = {
@@ -131,7 +132,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 def build(config: LLMConfig) -> serve.Application:
     server = config.server
     data = config.model_dump(mode="json")
-    llm = LLMDeployment.options(**_llm_options(server)).bind(data)
+    llm = LLMDeployment.options(**_llm_options(server), ray_actor_options=replica_actor_options(config)).bind(data)
     capacity = server.max_ongoing_requests * server.max_replicas + server.max_queued_requests + API_HEADROOM_REQUESTS
     return APIIngress.options(max_ongoing_requests=capacity, **_drain_options(server)).bind(llm, data)
 
