@@ -3,7 +3,9 @@
 Each pipeline stage's TP group goes on a single node (its all-reduces stay inside the node);
 stages go to different nodes while there are unused nodes that fit them. A layout that no node
 or the whole cluster can ever hold fails at once; one that only waits for busy resources fails
-after a bounded wait.
+after a bounded wait. On a cluster that adds nodes on demand (Ray's autoscaler) nothing is refused
+up front and no stage is pinned to a node: each stage's group waits, up to the same bound, for
+whichever node fits it, one the autoscaler adds included.
 """
 from __future__ import annotations
 
@@ -67,28 +69,31 @@ class Placement:
             remove_placement_group(group)
 
 
-def place_workers(tp: int, pp: int, per_worker: dict[str, float], timeout_s: float) -> Placement:
-    """Reserve one placement group per stage (all its bundles on the planned node) and wait for it."""
-    plan = plan_stages(alive_nodes(), tp, pp, per_worker)
-    groups = [
-        placement_group(
-            [dict(per_worker) for _ in range(tp)],
-            strategy="STRICT_PACK",
-            bundle_label_selector=[{NODE_ID_LABEL_KEY: node.node_id} for _ in range(tp)],
-        )
-        for node in plan
-    ]
+def place_workers(tp: int, pp: int, per_worker: dict[str, float], timeout_s: float, autoscaling: bool = False) -> Placement:
+    """Reserve one placement group per stage (all its bundles on one node) and wait for it; `autoscaling`:
+    the cluster adds nodes on demand, so the groups are not pinned to the nodes there are now."""
+    bundles = [dict(per_worker) for _ in range(tp)]
+    if autoscaling:
+        groups = [placement_group(bundles, strategy="STRICT_PACK") for _ in range(pp)]
+    else:
+        plan = plan_stages(alive_nodes(), tp, pp, per_worker)
+        groups = [
+            placement_group(bundles, strategy="STRICT_PACK", bundle_label_selector=[{NODE_ID_LABEL_KEY: node.node_id} for _ in range(tp)])
+            for node in plan
+        ]
     try:
         ray.get([g.ready() for g in groups], timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         for group in groups:
             remove_placement_group(group)
+        waited_for = "add nodes or free room" if autoscaling else "free room"
         raise PlacementError(
-            f"the cluster did not free room for {tp * pp} workers needing {per_worker} each within {timeout_s:.0f} s"
+            f"the cluster did not {waited_for} for {tp * pp} workers needing {per_worker} each within {timeout_s:.0f} s"
         ) from None
     strategies = [
         PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i)
         for group in groups
         for i in range(tp)
     ]
-    return Placement(groups, strategies, [node.node_id for node in plan for _ in range(tp)])
+    node_ids = [ray.util.placement_group_table(group)["bundles_to_node_id"][0] for group in groups]
+    return Placement(groups, strategies, [node_id for node_id in node_ids for _ in range(tp)])

@@ -33,9 +33,10 @@ class RayExecutor:
         on_gpu = config.model.device == "cuda" or (config.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         per_worker = {"GPU": 1.0} if on_gpu else {"CPU": 1.0}
         try:
-            self.placement = place_workers(tp, pp, per_worker, parallel.placement_timeout_s)
+            self.placement = place_workers(tp, pp, per_worker, parallel.placement_timeout_s, parallel.cluster_autoscales)
         except PlacementError as error:
-            raise InvalidLayoutError(str(error)) from None
+            hint = "" if parallel.cluster_autoscales else "; if the cluster adds nodes on demand, set parallel.cluster_autoscales"
+            raise InvalidLayoutError(f"{error}{hint}") from None
         actor = ray.remote(Worker)
         self.workers = [
             actor.options(scheduling_strategy=strategy, num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0).remote()
