@@ -20,6 +20,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serving.config import LLMConfig, ServerConfig
 from serving.server.deployments import SERVE_CONTROLLER_ENV
+from serving.server.replica_resources import replica_actor_options
 from tests.chart import CHART, EXAMPLES, ROOT, crd_schemas, helm, render, render_error, serve_config, values_file
 
 CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/")
@@ -165,10 +166,13 @@ def test_llm_values_become_the_application_args(renders):
         "max_model_len": 32768,
         "device": "cuda",
     }
-    # a TP x PP replica is a driver that needs a CPU, not a GPU; a one-GPU replica asks for its GPU
-    assert big["deployments"] == [{"name": "LLMDeployment", "ray_actor_options": {"num_cpus": 1}}]
+    # replicas reserve a CPU, so they stay off the head (num-cpus 0); a TP x PP replica is a driver that needs
+    # no GPU, a one-GPU replica asks for its GPU; with the autoscaler on, parallel workers wait for new pods
+    assert "deployments" not in big
+    assert replica_actor_options(LLMConfig.model_validate(big["args"])) == {"num_cpus": 1}
+    assert LLMConfig.model_validate(big["args"]).parallel.cluster_autoscales
     default_app = serve_config(renders["default"])["applications"][0]
-    assert default_app["deployments"][0]["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
+    assert replica_actor_options(LLMConfig.model_validate(default_app["args"])) == {"num_cpus": 1, "num_gpus": 1}
     assert serve_config(renders["llama-8b-tp2"])["applications"][0]["args"]["model"]["source"] == "meta-llama/Llama-3.1-8B-Instruct"
 
 

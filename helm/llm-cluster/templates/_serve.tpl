@@ -55,22 +55,24 @@
 {{- if .Values.api.apiKeys.existingSecret }}
 {{- $_ := set $server "auth" (merge (dict "require_api_key" true) ($server.auth | default dict)) }}
 {{- end }}
+{{- /* LLM replicas reserve a CPU (and, on CUDA alone, a GPU: the project's default) unless llm says
+     otherwise: the head has num-cpus 0, so they go to worker pods, and the autoscaler adds pods for them */}}
+{{- if not (hasKey $server "replica_cpus") }}
+{{- $_ := set $server "replica_cpus" 1 }}
+{{- end }}
 {{- $_ := set $args "server" $server }}
+{{- $parallel := $args.parallel | default dict }}
+{{- if and .Values.autoscaler.enabled (not (hasKey $parallel "cluster_autoscales")) }}
+{{- $_ := set $parallel "cluster_autoscales" true }}
+{{- $_ := set $args "parallel" $parallel }}
+{{- end }}
 {{- toYaml $args }}
 {{- end }}
 
-{{/* The Ray Serve config (serveConfigV2). Replica counts and autoscaling come from the application
-     itself (build_app reads llm.server); the deployment override only keeps LLM replicas off the
-     head: it has num-cpus 0, and a replica asks for a CPU (and its GPU when it runs the model alone). */}}
+{{/* The Ray Serve config (serveConfigV2). Replica counts, autoscaling and what a replica reserves come
+     from the application itself (build_app reads llm.server). */}}
 {{- define "llm-cluster.serveConfig" -}}
 {{- $defaults := include "llm-cluster.projectDefaults" . | fromYaml }}
-{{- $parallel := (.Values.llm | default dict).parallel | default dict }}
-{{- $tp := $parallel.tensor_parallel | default $defaults.parallel.tensor_parallel }}
-{{- $world := mul (int $tp) (int ($parallel.pipeline_parallel | default $defaults.parallel.pipeline_parallel)) }}
-{{- $actor := dict "num_cpus" 1 }}
-{{- if and (eq (int $world) 1) (include "llm-cluster.hasGPUs" .) }}
-{{- $_ := set $actor "num_gpus" 1 }}
-{{- end }}
 proxy_location: EveryNode
 http_options:
   host: 0.0.0.0
@@ -86,8 +88,4 @@ applications:
     import_path: serving.server.deployments:build_app
     args:
       {{- include "llm-cluster.llmArgs" . | nindent 6 }}
-    deployments:
-      - name: LLMDeployment
-        ray_actor_options:
-          {{- toYaml $actor | nindent 10 }}
 {{- end }}
