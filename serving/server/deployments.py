@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -28,7 +28,7 @@ from serving.metrics.export import MetricsPusher, cluster_families
 from serving.server.app import create_app
 from serving.server.auth import APIKeys
 from serving.server.autoscaling import autoscaling_config
-from serving.server.http_errors import overloaded
+from serving.server.http_errors import overloaded, replica_failed
 from serving.server.llm_replica import LLMDeployment
 from serving.server.messages import GenerationDelta, ModelInfo
 from serving.server.replica_resources import replica_actor_options
@@ -44,6 +44,9 @@ SERVE_CONTROLLER_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     # Replicas report their autoscaling signals (queue, KV usage, TTFT) every second rather than every 10 s.
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    # A replica that failed its health checks (dead or stuck engine) has nothing left to drain: stop it at
+    # once, so its requests fail now rather than after drain_timeout_s (Serve drains it by default).
+    "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
 }
 API_HEADROOM_REQUESTS = 64  # API requests beyond the LLM capacity, for /health, /metrics and /v1/models
 
@@ -118,6 +121,8 @@ class ServeLLMClient:
             yield
         except BackPressureError as error:
             raise overloaded(self._retry_after_s) from error
+        except RayActorError as error:  # the replica died under the request, or was stopped as unhealthy
+            raise replica_failed() from error
         except RayTaskError as error:
             if isinstance(error.cause, LLMClusterError):
                 raise error.cause from None

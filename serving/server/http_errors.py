@@ -55,6 +55,15 @@ def overloaded(retry_after_s: int) -> APIError:
     )
 
 
+def replica_failed() -> APIError:
+    return APIError(
+        503,
+        "the model replica serving this request failed and is being replaced; retry the request",
+        type="server_error",
+        code="replica_failed",
+    )
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
 
