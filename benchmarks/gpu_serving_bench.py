@@ -62,9 +62,7 @@ async def sweep(engine: AsyncLLMEngine, concurrencies: list[int], args: argparse
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--tiny", action="store_true", help="a tiny random model on CPU instead of the 8B shape on CUDA"
-    )
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model on CPU instead of the 8B shape on CUDA")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/llama3-8b-random"))
     parser.add_argument("--layers", type=int, default=32, help="fewer layers for a quick try (default: 32)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])

@@ -192,9 +192,7 @@ def test_errors_are_counted_by_kind():
 # load shapes
 
 
-def run_against(
-    server: ScriptedServer, point: LoadPoint, count: int | None, duration: float | None = None, warmup: int = 0
-):
+def run_against(server: ScriptedServer, point: LoadPoint, count: int | None, duration: float | None = None, warmup: int = 0):
     async def scenario():
         async with server.serving() as url:
             target = HTTPTarget(url, "m")

@@ -68,15 +68,11 @@ class RunSpec:
     progress: bool = True
 
 
-async def run_points(
-    target: Target, workload: Sequence[RequestSpec], points: Sequence[LoadPoint], spec: RunSpec
-) -> list[dict[str, Any]]:
+async def run_points(target: Target, workload: Sequence[RequestSpec], points: Sequence[LoadPoint], spec: RunSpec) -> list[dict[str, Any]]:
     """Run every load point in turn against `target`; returns their result records."""
     records = []
     for point in points:
-        run = await run_load(
-            target, workload, point, spec.num_requests, spec.duration_s, spec.warmup, spec.seed, spec.progress
-        )
+        run = await run_load(target, workload, point, spec.num_requests, spec.duration_s, spec.warmup, spec.seed, spec.progress)
         records.append(point_record(point, run, spec.slo_ms or None))
         summary = records[-1]["summary"]
         if spec.progress:

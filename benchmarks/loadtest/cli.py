@@ -49,57 +49,33 @@ def main(argv: list[str] | None = None) -> int:
 def _add_run_args(parser: argparse.ArgumentParser, many: bool) -> None:
     nargs = "+" if many else None
     target = parser.add_argument_group("target")
-    target.add_argument(
-        "--url", default="http://127.0.0.1:8000", help="server base URL, without /v1 (default: %(default)s)"
-    )
+    target.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL, without /v1 (default: %(default)s)")
     target.add_argument("--model", help="model name to request (default: the first the server lists)")
-    target.add_argument(
-        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default: $OPENAI_API_KEY)"
-    )
-    target.add_argument(
-        "--endpoint", choices=["completions", "chat"], default="completions", help="(default: %(default)s)"
-    )
+    target.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default: $OPENAI_API_KEY)")
+    target.add_argument("--endpoint", choices=["completions", "chat"], default="completions", help="(default: %(default)s)")
     target.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", help="do not send ignore_eos")
     target.add_argument("--extra-body", type=json.loads, default={}, help="JSON object merged into every request body")
     target.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
     work = parser.add_argument_group("workload")
-    work.add_argument(
-        "--dataset", choices=["random", "file", "prefix"], default="random", help="(default: %(default)s)"
-    )
+    work.add_argument("--dataset", choices=["random", "file", "prefix"], default="random", help="(default: %(default)s)")
     work.add_argument("--tokenizer", type=Path, help="the served model's folder (tokenizer.json): exact prompt lengths")
-    work.add_argument(
-        "--input-len", type=int, default=16, help="prompt tokens; unique tokens for prefix (default: %(default)s)"
-    )
+    work.add_argument("--input-len", type=int, default=16, help="prompt tokens; unique tokens for prefix (default: %(default)s)")
     work.add_argument("--output-len", type=int, default=128, help="max_tokens (default: %(default)s)")
-    work.add_argument(
-        "--prefix-len", type=int, default=256, help="prefix dataset: shared tokens (default: %(default)s)"
-    )
-    work.add_argument(
-        "--num-prefixes", type=int, default=1, help="prefix dataset: distinct prefixes (default: %(default)s)"
-    )
+    work.add_argument("--prefix-len", type=int, default=256, help="prefix dataset: shared tokens (default: %(default)s)")
+    work.add_argument("--num-prefixes", type=int, default=1, help="prefix dataset: distinct prefixes (default: %(default)s)")
     work.add_argument("--prompt-file", type=Path, help='file dataset: JSONL lines {"prompt": ..., "output_len": ...}')
     work.add_argument("--num-prompts", type=int, help="distinct prompts to build (default: the request count, or 256)")
     load = parser.add_argument_group("load (one of --concurrency or --request-rate)")
     shape = load.add_mutually_exclusive_group(required=True)
     shape.add_argument("--concurrency", type=int, nargs=nargs, help="closed loop: requests in flight")
-    shape.add_argument(
-        "--request-rate", type=float, nargs=nargs, help="open loop: requests per second (inf: all at once)"
-    )
-    load.add_argument(
-        "--burstiness", type=float, default=1.0, help="open loop gap shape: 1 Poisson, <1 burstier (default: 1)"
-    )
+    shape.add_argument("--request-rate", type=float, nargs=nargs, help="open loop: requests per second (inf: all at once)")
+    load.add_argument("--burstiness", type=float, default=1.0, help="open loop gap shape: 1 Poisson, <1 burstier (default: 1)")
     load.add_argument("--max-concurrency", type=int, help="open loop: most requests in flight")
-    load.add_argument(
-        "--num-requests", type=int, default=64, help="requests per load point; 0: unbounded (default: %(default)s)"
-    )
+    load.add_argument("--num-requests", type=int, default=64, help="requests per load point; 0: unbounded (default: %(default)s)")
     load.add_argument("--duration", type=float, help="stop sending after this many seconds per load point")
-    load.add_argument(
-        "--warmup", type=int, default=1, help="uncounted requests before each point (default: %(default)s)"
-    )
+    load.add_argument("--warmup", type=int, default=1, help="uncounted requests before each point (default: %(default)s)")
     load.add_argument("--seed", type=int, default=0)
-    load.add_argument(
-        "--goodput", nargs="+", default=[], metavar="NAME:MS", help="limits for goodput, e.g. ttft:500 tpot:50"
-    )
+    load.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS", help="limits for goodput, e.g. ttft:500 tpot:50")
     out = parser.add_argument_group("output")
     out.add_argument("--label", help="name of this run in tables and plots (default: the model name)")
     out.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE", help="a server setting to record")
@@ -120,10 +96,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.concurrency is not None:
             points = [LoadPoint(concurrency=v) for v in values]
         else:
-            points = [
-                LoadPoint(request_rate=v, burstiness=args.burstiness, max_concurrency=args.max_concurrency)
-                for v in values
-            ]
+            points = [LoadPoint(request_rate=v, burstiness=args.burstiness, max_concurrency=args.max_concurrency) for v in values]
         slo = _parse_slo(args.goodput)
         settings = dict(_parse_setting(s) for s in args.setting)
     except ValueError as error:
@@ -152,9 +125,7 @@ async def _run_http(args: argparse.Namespace, workload: Any, points: list, spec:
     model = args.model or await fetch_model(args.url, args.api_key)
     tokenizer = Tokenizer.from_folder(args.tokenizer) if args.tokenizer else None
     requests = workload.build(tokenizer)
-    target = HTTPTarget(
-        args.url, model, args.endpoint, args.api_key, args.ignore_eos, args.extra_body, tokenizer, args.timeout
-    )
+    target = HTTPTarget(args.url, model, args.endpoint, args.api_key, args.ignore_eos, args.extra_body, tokenizer, args.timeout)
     try:
         records = await run_points(target, requests, points, spec)
     finally:

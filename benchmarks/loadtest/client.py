@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -62,9 +61,7 @@ class HTTPTarget:
         self.tokenizer = tokenizer
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         connector = aiohttp.TCPConnector(limit=0)  # the load shape, not the client, decides concurrency
-        self.session = aiohttp.ClientSession(
-            headers=headers, connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)
-        )
+        self.session = aiohttp.ClientSession(headers=headers, connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s))
 
     def body(self, spec: RequestSpec) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -106,7 +103,7 @@ class HTTPTarget:
                     if text:
                         result.chunk_times.append(time.perf_counter() - result.start)
                         texts.append(text)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result.error = "timeout"
         except aiohttp.ClientError as error:
             result.error, result.detail = "connection", repr(error)[:300]

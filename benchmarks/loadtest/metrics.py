@@ -43,9 +43,7 @@ def request_latencies(result: RequestResult) -> dict[str, Any]:
     return {"ttft": ttft, "tpot": tpot, "itl": [b - a for a, b in itertools.pairwise(times)], "e2el": e2el}
 
 
-def summarize(
-    results: Sequence[RequestResult], duration_s: float, slo_ms: Mapping[str, float] | None = None
-) -> dict[str, Any]:
+def summarize(results: Sequence[RequestResult], duration_s: float, slo_ms: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The summary of one load point. `slo_ms` maps "ttft", "tpot" and/or "e2el" to limits for goodput."""
     ok = [r for r in results if r.ok]
     per_request = [request_latencies(r) for r in ok]

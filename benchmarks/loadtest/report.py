@@ -63,6 +63,7 @@ def summary_table(points: Sequence[dict[str, Any]]) -> str:
         "failed",
         "req/s",
         "out tok/s",
+        "out/req",
         "TTFT med",
         "TTFT p99",
         "TPOT med",
@@ -82,6 +83,7 @@ def summary_table(points: Sequence[dict[str, Any]]) -> str:
             str(s["failed"]),
             f"{s['request_throughput']:.2f}",
             f"{s['output_throughput']:.1f}",
+            f"{s['total_output_tokens'] / s['completed']:.0f}" if s["completed"] else "-",
             _ms(s["ttft_ms"]["median"]),
             _ms(s["ttft_ms"]["p99"]),
             _ms(s["tpot_ms"]["median"]),
@@ -94,15 +96,11 @@ def summary_table(points: Sequence[dict[str, Any]]) -> str:
         rows.append(row)
     lines = [format_row(row, [max(len(r[i]) for r in rows) for i in range(len(header))]) for row in rows]
     errors = [f"{p['load']['label']}: {p['summary']['errors']}" for p in points if p["summary"]["errors"]]
-    return "\n".join(
-        lines[:1] + ["-" * len(lines[0])] + lines[1:] + (["errors by kind: " + "; ".join(errors)] if errors else [])
-    )
+    return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:] + (["errors by kind: " + "; ".join(errors)] if errors else []))
 
 
 def format_row(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "  ".join(
-        cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(cells, widths))
-    )
+    return "  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(cells, widths)))
 
 
 def _ms(value: float | None) -> str:

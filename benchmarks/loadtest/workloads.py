@@ -34,16 +34,10 @@ class WordSampler:
         self.tokenizer = tokenizer
         self.rng = random.Random(seed)
         ids = range(tokenizer.vocab_size)
-        candidates = [
-            i for i, token in zip(ids, tokenizer.convert_ids_to_tokens(list(ids))) if _WORD_TOKEN.match(token)
-        ]
-        self.words = [
-            w for w in (tokenizer.decode([i]) for i in candidates) if self._count(w) == 1 and w.startswith(" ")
-        ]
+        candidates = [i for i, token in zip(ids, tokenizer.convert_ids_to_tokens(list(ids))) if _WORD_TOKEN.match(token)]
+        self.words = [w for w in (tokenizer.decode([i]) for i in candidates) if self._count(w) == 1 and w.startswith(" ")]
         if len(self.words) < 100:
-            raise ValueError(
-                f"the tokenizer has only {len(self.words)} one-token words; random prompts need a word-level vocabulary"
-            )
+            raise ValueError(f"the tokenizer has only {len(self.words)} one-token words; random prompts need a word-level vocabulary")
 
     def text(self, num_tokens: int) -> str:
         """A text of exactly `num_tokens` tokens; it starts with a space, so texts concatenate token-exactly."""
@@ -57,9 +51,7 @@ class WordSampler:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
 
-def random_requests(
-    tokenizer: Tokenizer, count: int, input_len: int, output_len: int, seed: int = 0
-) -> list[RequestSpec]:
+def random_requests(tokenizer: Tokenizer, count: int, input_len: int, output_len: int, seed: int = 0) -> list[RequestSpec]:
     """`count` prompts of exactly `input_len` tokens (each starts with a space), asking for `output_len` tokens."""
     words = WordSampler(tokenizer, seed)
     return [RequestSpec(words.text(input_len), input_len, output_len) for _ in range(count)]

@@ -112,9 +112,7 @@ def build_app(generator: Generator, model_name: str) -> web.Application:
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if not isinstance(body.get("prompt"), str):
-            return web.json_response(
-                {"error": {"message": "prompt must be a string", "type": "invalid_request"}}, status=400
-            )
+            return web.json_response({"error": {"message": "prompt must be a string", "type": "invalid_request"}}, status=400)
         job = _Job(
             body["prompt"],
             int(body.get("max_tokens") or 16),
@@ -157,9 +155,7 @@ def build_app(generator: Generator, model_name: str) -> web.Application:
             await response.write(f"data: {json.dumps(chunk(delta, None))}\n\n".encode())
         await response.write(f"data: {json.dumps(chunk('', _finish_reason(job)))}\n\n".encode())
         if (body.get("stream_options") or {}).get("include_usage"):
-            await response.write(
-                f"data: {json.dumps(chunk('', None) | {'choices': [], 'usage': usage()})}\n\n".encode()
-            )
+            await response.write(f"data: {json.dumps(chunk('', None) | {'choices': [], 'usage': usage()})}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         return response
 
@@ -183,9 +179,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = Generator(args.model, args.max_batch)
-    web.run_app(
-        build_app(generator, args.served_model_name or args.model.name), host=args.host, port=args.port, print=None
-    )
+    web.run_app(build_app(generator, args.served_model_name or args.model.name), host=args.host, port=args.port, print=None)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def servers(peers: Path, port: int, ours_cache: Path) -> dict[str, tuple[list[st
     llama = [str(peers / "llamacpp/bin/python"), "-m", "llama_cpp.server", "--host", "127.0.0.1", "--port", str(port)]
     llama += ["--model", str(peers / "models/SmolLM2-135M-Instruct-f32.gguf"), "--model_alias", NAME]
     llama += ["--n_threads", str(THREADS), "--n_threads_batch", str(THREADS), "--n_ctx", "2048"]
+    llama += ["--interrupt_requests", "False"]  # by default a new request cuts the running one short
     hf = [sys.executable, "-m", "benchmarks.peers.hf_server", "--model", str(MODEL), "--port", str(port)]
     hf += ["--threads", str(THREADS), "--max-batch", str(MAX_BATCH)]
     common = {"dtype": "float32", "threads": str(THREADS)}
@@ -94,13 +95,12 @@ def servers(peers: Path, port: int, ours_cache: Path) -> dict[str, tuple[list[st
         "llama.cpp": (
             llama,
             {},
-            common | {"server": "llama-cpp-python[server] 0.3.36, F32 GGUF, one request at a time", "n_ctx": "2048"},
+            common | {"server": "llama-cpp-python[server] 0.3.36, F32 GGUF, one request at a time (queued)", "n_ctx": "2048"},
         ),
         "transformers": (
             hf,
             {},
-            common
-            | {"max_batch": str(MAX_BATCH), "server": "benchmarks/peers/hf_server.py: static batches of generate"},
+            common | {"max_batch": str(MAX_BATCH), "server": "benchmarks/peers/hf_server.py: static batches of generate"},
         ),
     }
 
