@@ -95,8 +95,19 @@ def start(state_dir: Path, port: int | None = None, dashboard_port: int | None =
     return cluster
 
 
-def connect(address: str, token_auth: bool) -> None:
-    """Connect this process to the cluster at `address` as a driver; quietly."""
+def connect(address: str, token_auth: bool, token_file: str | None = None) -> None:
+    """Connect this process to the cluster at `address` as a driver; quietly.
+
+    With `token_file`, joins a cluster that uses Ray's token authentication with the token in that file
+    (as RAY_AUTH_TOKEN_PATH would); Ray's own RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or
+    RAY_AUTH_TOKEN_PATH in the environment works too.
+    """
+    if token_file is not None:
+        path = Path(token_file).expanduser().resolve()
+        if not path.is_file():
+            raise RuntimeError(f"no Ray authentication token file at {path}")
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+        token_auth = True
     if token_auth:  # RAY_AUTH_MODE=token, and make Ray (which read its settings on import) read it again
         _enable_token_auth()
     ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray_options.add_argument("--ray-port", type=int, help="GCS port of a local cluster (default: Ray's, 6379)")
     ray_options.add_argument("--dashboard-port", type=int, help="dashboard port of a local cluster (default: Ray's, 8265)")
     ray_options.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the API to answer (default: %(default)s)")
+    _add_ray_auth_flag(ray_options)
 
     generate = command(
         "generate", "Generate a completion of PROMPT in this process and stream it to stdout",
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = command(name, summary, description, run)
         sub.add_argument("--address", help="the Ray cluster (default: the local one `serve` started)")
+        _add_ray_auth_flag(sub)
         app_name = ServerConfig.model_fields["app_name"]
         sub.add_argument("--app-name", default=app_name.default, help=f"{app_name.description} (default: {app_name.default})")
         if name == "status":
@@ -107,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_command(commands)
     return parser
+
+
+def _add_ray_auth_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--ray-auth-token-file", metavar="FILE",
+        help="with --address: join a cluster that uses Ray's token authentication, with the token in FILE "
+        "(or set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)",
+    )  # fmt: skip
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[type, str]]) -> None:
@@ -129,7 +139,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     config = config_from_args(args, parser)
     if args.address:
-        local.connect(args.address, token_auth=False)
+        local.connect(args.address, token_auth=False, token_file=args.ray_auth_token_file)
         where = f"the Ray cluster at {args.address}"
     else:
         resolve_model(config.model.source)  # fail fast on a bad source; the default model is converted here, once
@@ -221,7 +231,7 @@ def _shutdown(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.address:
         from ray import serve
 
-        local.connect(args.address, token_auth=False)
+        local.connect(args.address, token_auth=False, token_file=args.ray_auth_token_file)
         serve.delete(args.app_name)
         print(f"Deleted application {args.app_name!r} from the Ray cluster at {args.address}.")
     elif local.stop(cache_root()):
@@ -236,7 +246,7 @@ def _connect(args: argparse.Namespace) -> str:
     from cluster import local
 
     if args.address:
-        local.connect(args.address, token_auth=False)
+        local.connect(args.address, token_auth=False, token_file=args.ray_auth_token_file)
         return f"the Ray cluster at {args.address}"
     cluster = local.find(cache_root())
     if cluster is None:
