@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from faults import COMPLETE, ERROR, InFlight, Outcome, complete, stream
 from ray import serve
-from serve_app import actor_pids, free_port, served, wait_until_idle
+from serve_app import free_port, served
 
+from benchmarks.soak import actor_pids, wait_until_idle
 from serving.config import LLMConfig
 
 pytestmark = pytest.mark.slow
@@ -133,7 +134,7 @@ def test_killing_the_serve_proxy_drops_connections_visibly_and_it_comes_back(ser
     assert outcome.kind == COMPLETE, outcome.detail
     assert actor_pids("LLMDeployment") == replica  # the replica was not touched
     idle = wait_until_idle(server)  # the dropped streams were aborted: their KV blocks are free again
-    assert idle["llmcluster_requests_running"] == 0 and idle["llmcluster_kv_cache_usage_ratio"] == 0, idle
+    assert idle["requests_running"] == 0 and idle["kv_cache_usage_ratio"] == 0, idle
 
 
 def test_shutdown_drains_a_running_stream(server):

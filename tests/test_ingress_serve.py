@@ -17,8 +17,9 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from serve_app import actor_pids, engine_state, free_port, rss_mb, served, wait_until_idle
+from serve_app import free_port, served
 
+from benchmarks.soak import actor_pids, engine_state, rss_mb, wait_until_idle
 from serving.config import LLMConfig
 
 pytestmark = pytest.mark.slow
@@ -189,7 +190,7 @@ def test_overload_refuses_the_excess_quickly_and_completes_the_rest(server):
     grown_mb = rss_mb(processes) - baseline_mb
     assert grown_mb < 64, f"the API and LLM replicas grew by {grown_mb:.0f} MiB over three bursts"
     rejected = engine_state(server, auth("load"))
-    assert rejected["llmcluster_kv_cache_usage_ratio"] == 0
+    assert rejected["kv_cache_usage_ratio"] == 0
 
 
 # fuzzing
@@ -221,4 +222,4 @@ def test_healthy_after_fuzzing(server):
     assert requests.get(f"{server}/health", timeout=30).status_code == 200
     response = requests.post(f"{server}/v1/completions", json=COMPLETION, headers=auth("fuzz"), timeout=60)
     assert response.status_code == 200, response.text
-    assert wait_until_idle(server, auth("fuzz"))["llmcluster_kv_cache_usage_ratio"] == 0
+    assert wait_until_idle(server, auth("fuzz"))["kv_cache_usage_ratio"] == 0
