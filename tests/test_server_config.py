@@ -39,7 +39,14 @@ def test_yaml_config_with_a_server_section(tmp_path):
 
 def test_replicas_fixed_or_autoscaled():
     fixed = _llm_options(ServerConfig(min_replicas=2, max_replicas=2, max_ongoing_requests=10, max_queued_requests=3))
-    assert fixed == {"num_replicas": 2, "max_ongoing_requests": 10, "max_queued_requests": 3}
+    server = ServerConfig()
+    health_and_drain = {
+        "health_check_period_s": server.health_check_period_s,
+        "health_check_timeout_s": server.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": server.autoscaling.drain_timeout_s,
+        "graceful_shutdown_wait_loop_s": 0.5,
+    }
+    assert fixed == {"num_replicas": 2, "max_ongoing_requests": 10, "max_queued_requests": 3} | health_and_drain
     scaled = _llm_options(ServerConfig(min_replicas=1, max_replicas=4, max_ongoing_requests=10))
     assert "num_replicas" not in scaled
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 5}
