@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serving.config import LLMConfig, ServerConfig
+from serving.server.autoscaling import LLMAutoscalingPolicy
 from serving.server.deployments import SERVE_CONTROLLER_ENV, _llm_options, build_app
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "serve_config.yaml"
@@ -49,7 +50,9 @@ def test_replicas_fixed_or_autoscaled():
     assert fixed == {"num_replicas": 2, "max_ongoing_requests": 10, "max_queued_requests": 3} | health_and_drain
     scaled = _llm_options(ServerConfig(min_replicas=1, max_replicas=4, max_ongoing_requests=10))
     assert "num_replicas" not in scaled
-    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 5}
+    autoscaling = scaled["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 4)
+    assert autoscaling["policy"]["policy_function"] is LLMAutoscalingPolicy  # LLM signals, not only ongoing requests
 
 
 def test_example_serve_config_is_valid_for_serve_and_for_us():
