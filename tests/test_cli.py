@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 
 import psutil
 import pytest
+from ports import free_port
 
 from serving.cli import build_parser, main
 from serving.config import EngineConfig
@@ -75,12 +75,6 @@ def test_generate_rejects_bad_input(tiny_model, capsys):
     assert exit_info.value.code == 2 and "max_tokens" in capsys.readouterr().err
     assert main(["generate", "", "--model", str(tiny_model), "--kv-cache-memory-gb", "0.02"]) == 1
     assert "empty" in capsys.readouterr().err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def llmcluster(*args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

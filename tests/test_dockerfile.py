@@ -5,9 +5,9 @@ user. There is no Docker engine on these machines, so the image itself is not bu
 from __future__ import annotations
 
 import re
+import tomllib
 
 import dockerfile
-import tomllib
 import yaml
 
 from tests.chart import CHART, ROOT

@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from faults import COMPLETE, ERROR, InFlight, Outcome, complete, stream
+from ports import free_port
 from ray import serve
-from serve_app import free_port, served
+from serve_app import served
 
 from benchmarks.soak import actor_pids, wait_until_idle
 from serving.config import LLMConfig

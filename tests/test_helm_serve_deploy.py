@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from ports import free_ports
 
 from serving.server.deployments import wait_until_healthy
 from tests.chart import CHART, render, serve_config, values_file
@@ -33,16 +33,6 @@ RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 SERVE = [sys.executable, "-m", "ray.serve.scripts"]
 HOST = "127.0.0.1"
 TOKEN_AUTH = os.environ | {"RAY_AUTH_MODE": "token"}
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind((HOST, 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from serve_app import free_port, served
+from ports import free_port
+from serve_app import served
 
 from benchmarks.soak import actor_pids, engine_state, rss_mb, wait_until_idle
 from serving.config import LLMConfig

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+from ports import free_port
 
 from benchmarks.loadtest.client import HTTPTarget, RequestResult
 from benchmarks.loadtest.compare import compare_table
@@ -67,12 +67,6 @@ def test_a_run_with_no_successes_reports_no_latencies():
 
 
 # a scripted server: chunks at known delays
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ScriptedServer:

@@ -8,7 +8,6 @@ add a node, and the node goes once nothing runs on it.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import ray
 import requests
+from ports import free_port
 from ray import serve
 
 from cluster import local
@@ -127,7 +127,3 @@ def test_replicas_that_need_a_node_make_the_autoscaler_add_it_and_remove_it_afte
         serve.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -22,6 +22,7 @@ import pytest
 import ray
 import requests
 import yaml
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
@@ -40,12 +41,6 @@ DASHBOARD = ROOT / "helm/llm-cluster/files/grafana-dashboard.json"
 ALERT_RULES = ROOT / "helm/llm-cluster/files/alert-rules.yaml"
 MODEL = "tiny-llama"
 BODY = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 64, "ignore_eos": True, "temperature": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

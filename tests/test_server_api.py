@@ -5,7 +5,6 @@ One application serves the whole module (start-up is the slow part); traffic goe
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ import pytest
 import ray
 import requests
 from openai import OpenAI
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 1024
 MAX_ONGOING, MAX_QUEUED = 8, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ on the tiny model. Nothing but back-pressure may fail, and the server must go ba
 from __future__ import annotations
 
 import pytest
-from serve_app import free_port, served
+from ports import free_port
+from serve_app import served
 
 from benchmarks.soak import actor_pids, run_soak
 from serving.config import LLMConfig

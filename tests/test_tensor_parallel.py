@@ -4,9 +4,9 @@ from __future__ import annotations
 import socket
 
 import pytest
-from reference import max_summary_difference, output_summary
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from reference import max_summary_difference, output_summary
 
 from serving.config import EngineConfig, LLMConfig, ModelConfig
 from serving.engine.llm import LLM
