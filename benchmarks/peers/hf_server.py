@@ -2,9 +2,9 @@
 
     python -m benchmarks.peers.hf_server --model FOLDER --port 8001 --threads 2 --max-batch 32
 
-Batching is static: a batch starts with every request waiting then (up to --max-batch), left-padded,
-and runs `generate` (greedy, float32) until its longest request is done; requests arriving meanwhile
-wait for the next batch. A streamer hands each step's tokens to the waiting HTTP streams. Only
+Batching is static: a batch starts --batch-window-ms after its first request, with every request
+waiting then (up to --max-batch), left-padded, and runs `generate` (greedy, float32) until its
+longest request is done; requests arriving meanwhile wait for the next batch. A streamer hands each step's tokens to the waiting HTTP streams. Only
 POST /v1/completions (text prompts, max_tokens, ignore_eos, stream, stream_options) and
 GET /v1/models; sampling fields other than max_tokens are ignored (always greedy).
 """
@@ -74,20 +74,21 @@ class _BatchStreamer(BaseStreamer, StoppingCriteria):
 class Generator:
     """One thread runs batches of the jobs waiting in `pending`."""
 
-    def __init__(self, folder: Path, max_batch: int) -> None:
+    def __init__(self, folder: Path, max_batch: int, window_s: float) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.max_batch = max_batch
+        self.max_batch, self.window_s = max_batch, window_s
         self.pending: queue.Queue[_Job] = queue.Queue()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         while True:
             jobs = [self.pending.get()]
+            time.sleep(self.window_s)  # requests sent together arrive a few milliseconds apart
             while len(jobs) < self.max_batch and not self.pending.empty():
                 jobs.append(self.pending.get_nowait())
             inputs = self.tokenizer([job.prompt for job in jobs], return_tensors="pt", padding=True)
@@ -176,9 +177,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     parser.add_argument("--max-batch", type=int, default=32, help="most requests in one batch (default: %(default)s)")
+    parser.add_argument("--batch-window-ms", type=float, default=50, help="wait this long for more requests (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    generator = Generator(args.model, args.max_batch)
+    generator = Generator(args.model, args.max_batch, args.batch_window_ms / 1000)
     web.run_app(build_app(generator, args.served_model_name or args.model.name), host=args.host, port=args.port, print=None)
 
 

@@ -100,7 +100,8 @@ def servers(peers: Path, port: int, ours_cache: Path) -> dict[str, tuple[list[st
         "transformers": (
             hf,
             {},
-            common | {"max_batch": str(MAX_BATCH), "server": "benchmarks/peers/hf_server.py: static batches of generate"},
+            common
+            | {"max_batch": str(MAX_BATCH), "server": "benchmarks/peers/hf_server.py: static batches of generate, 50 ms batching window"},
         ),
     }
 
