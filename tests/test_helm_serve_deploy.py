@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import pytest
 import requests
 import yaml
 from ports import free_ports
+from processes import stop_session
 
 from serving.server.deployments import wait_until_healthy
 from tests.chart import CHART, render, serve_config, values_file
@@ -55,12 +55,7 @@ def ray_head() -> Iterator[str]:
         _wait_for(lambda: requests.get(f"{url}/api/gcs_healthz", timeout=5).ok, head, 90, "the Ray dashboard")
         yield url
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` takes its Ray processes down with it
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_session(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -7,13 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from ports import free_port
-from ray import serve
+from serve_app import served
 
 from serving.cli import main
 from serving.config import LLMConfig
-from serving.server.deployments import deploy
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +25,8 @@ def server(default_model) -> Iterator[str]:
             "server": {"port": free_port()},
         }
     )
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    try:
-        yield deploy(config)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with served(config) as url:
+        yield url
 
 
 def test_sweep_measures_the_server_and_compares(server: str, default_model: Path, tmp_path: Path, capsys):

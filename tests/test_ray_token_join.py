@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from ports import free_ports
+from processes import stop_session
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +50,7 @@ def token_cluster(tmp_path_factory) -> Iterator[tuple[str, Path]]:
             time.sleep(0.5)
         yield f"{HOST}:{gcs}", token_file
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_session(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -10,15 +10,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-import ray
 import requests
 from openai import OpenAI
 from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
-from ray import serve
+from serve_app import served
 
 from serving.config import LLMConfig
-from serving.server.deployments import deploy
 from serving.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -37,12 +35,8 @@ def server(default_model) -> Iterator[str]:
             "server": {"port": free_port(), "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED},
         }
     )
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    try:
-        yield deploy(config)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with served(config) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
