@@ -4,14 +4,17 @@
     python -m benchmarks.engine_bench --prefix-caching      # 32 requests sharing a 512-token prefix
     python -m benchmarks.engine_bench --load-memory         # peak RSS while loading vs weight size
 
-Greedy decoding with ignore_eos, so every request makes exactly --output-len tokens. Results go
-to the terminal and to a JSON file (--out).
+Greedy decoding with ignore_eos, so every request makes exactly --output-len tokens. Each batch size
+runs --repeats engine/transformers pairs back to back and reports the median of the pairs' ratios:
+this machine's memory bandwidth swings between about 13 and 26 GB/s from minute to minute, so a
+single pair can be off by a third. Results go to the terminal and to a JSON file (--out).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -84,13 +87,24 @@ def throughput(args: argparse.Namespace) -> dict:
         hf = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir, dtype=llm.engine.runner.dtype).to(llm.engine.runner.device)
         time_transformers(hf, prompts_all[:2], 4, pad_id=0)
     rows = []
-    for batch in tqdm(args.batch_sizes, desc="Batch sizes"):
+    runs = [(batch, repeat) for batch in args.batch_sizes for repeat in range(args.repeats)]
+    samples: dict[int, list[tuple[float, float | None]]] = {batch: [] for batch in args.batch_sizes}
+    for batch, _ in tqdm(runs, desc="Runs (engine, then transformers)"):
+        # the two sides run back to back, so a swing in this machine's memory bandwidth hits both
         prompts = prompts_all[:batch]
         ours = batch * args.output_len / time_engine(llm, prompts, args.output_len)
-        row = {"batch": batch, "engine_tok_s": round(ours, 1)}
+        theirs = None if hf is None else batch * args.output_len / time_transformers(hf, prompts, args.output_len, pad_id=0)
+        samples[batch].append((ours, theirs))
+    for batch, pairs in samples.items():
+        row = {"batch": batch, "engine_tok_s": round(statistics.median(o for o, _ in pairs), 1), "engine_runs": [round(o, 1) for o, _ in pairs]}
         if hf is not None:
-            theirs = batch * args.output_len / time_transformers(hf, prompts, args.output_len, pad_id=0)
-            row |= {"transformers_tok_s": round(theirs, 1), "ratio": round(ours / theirs, 2)}
+            ratios = [o / t for o, t in pairs]
+            row |= {
+                "transformers_tok_s": round(statistics.median(t for _, t in pairs), 1),
+                "transformers_runs": [round(t, 1) for _, t in pairs],
+                "ratio": round(statistics.median(ratios), 2),  # the median of the pairs' ratios
+                "ratio_runs": [round(r, 2) for r in ratios],
+            }
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"throughput": rows}
@@ -144,6 +158,7 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="model folder, repo id or 'default'")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="engine/transformers pairs per batch size; the median ratio is reported")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")

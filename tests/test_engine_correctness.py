@@ -66,6 +66,17 @@ def test_prefix_cache_is_used_and_exact(tiny_model):
     assert max_logprob_error(output, reference) < TOLERANCE
 
 
+def test_unpacked_layers_match_transformers(tiny_model, monkeypatch):
+    """The plain nn.Linear layers (GPUs, lower precisions, CPUs without oneDNN) against the reference too:
+    on CPU float32 the engine otherwise always runs the oneDNN-packed ones."""
+    from serving.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "onednn_available", lambda: False)
+    llm = LLM(str(tiny_model), block_size=4, kv_cache_memory_gb=0.02, max_num_batched_tokens=16)
+    assert not any(name.endswith("packed_weight") for name, _ in llm.engine.runner.model.named_buffers())
+    check_against_reference(llm, load_reference(tiny_model), PROMPTS[:4], max_tokens=8)
+
+
 @pytest.mark.parametrize(
     "architecture, options",
     [

@@ -30,13 +30,16 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks]
     decode_context_lens: torch.Tensor | None = None  # [num_decodes]
     prefills: list[PrefillChunk] = field(default_factory=list)
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, keys]: set by prepare_decode_mask
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, keys], 0 or -inf: set by prepare_decode_mask
 
-    def prepare_decode_mask(self, block_size: int) -> None:
-        """Build the decode key mask once per forward pass; every layer reuses it."""
+    def prepare_decode_mask(self, block_size: int, dtype: torch.dtype) -> None:
+        """Build the decode key mask once per forward pass; every layer reuses it. It is additive (0 for a
+        key in the context, -inf past it): SDPA would otherwise convert a boolean mask in every layer."""
         if self.num_decodes:
             keys = torch.arange(self.decode_block_tables.shape[1] * block_size, device=self.slot_mapping.device)
-            self.decode_mask = (keys[None, :] < self.decode_context_lens[:, None])[:, None, None, :]
+            past_end = keys[None, :] >= self.decode_context_lens[:, None]
+            mask = torch.zeros(past_end.shape, dtype=dtype, device=past_end.device).masked_fill_(past_end, float("-inf"))
+            self.decode_mask = mask[:, None, None, :]
 
 
 def paged_attention(
@@ -63,10 +66,15 @@ def paged_attention(
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[B, max_blocks] block ids -> [B, KVH, max_blocks * block_size, D] keys or values."""
-    gathered = cache[block_tables]  # [B, max_blocks, block_size, KVH, D]
-    b, nb, bs, h, d = gathered.shape
-    return gathered.view(b, nb * bs, h, d).transpose(1, 2)
+    """[B, max_blocks] block ids -> [B, KVH, max_blocks * block_size, D] keys or values.
+
+    index_select over whole blocks copies each block in one piece; advanced indexing (`cache[tables]`)
+    copies element by element and is about 4x slower on CPU.
+    """
+    num_blocks, block_size, num_heads, head_dim = cache.shape
+    b, nb = block_tables.shape
+    gathered = cache.view(num_blocks, -1).index_select(0, block_tables.flatten())
+    return gathered.view(b, nb * block_size, num_heads, head_dim).transpose(1, 2)
 
 
 def _decode_attention(

@@ -24,9 +24,35 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel; lower precisions keep the float32 math spelled out as in HF
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class ResidualLinear(nn.Linear):
+    """A linear layer that can add a residual to its output (the packed CPU version fuses the add)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(x)
+        return out if residual is None else out.add_(residual)
+
+
+class GateUpProjection(nn.Linear):
+    """Gate and up projections as one matrix, returning the gated product `silu(x Wg^T) * x Wu^T`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = super().forward(x).chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+
+
+def row_parallel(linear: ResidualLinear, x: torch.Tensor, residual: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """`residual` plus a row-parallel projection of `x` summed over the TP group. On one rank the
+    add happens inside the linear; across ranks it must wait for the all-reduce of the partial sums."""
+    if tp.size == 1:
+        return linear(x, residual)
+    return tp.all_reduce(linear(x)).add_(residual)
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
@@ -47,14 +73,15 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables indexed by token position (rotate-half layout, as in HF)."""
+    """Precomputed cos/sin tables indexed by token position (rotate-half layout, as in HF).
+
+    The sine table's first half is negated, so rotating is `x * cos + roll(x, half) * sin`."""
 
     def __init__(self, arch: ModelArch, max_positions: int) -> None:
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(arch))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat((freqs, freqs), dim=-1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat((-freqs, freqs), dim=-1).sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, 1, D] for the given positions, computed once per step for all layers."""
@@ -62,9 +89,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """HF's `x * cos + cat(-x2, x1) * sin` in three kernels: `sin` carries the sign of the first half."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Attention(nn.Module):
@@ -77,7 +103,7 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.o_proj = ResidualLinear(self.q_size, arch.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
     def forward(
@@ -86,14 +112,16 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        residual: torch.Tensor,
     ) -> torch.Tensor:
+        """`residual` plus the attention output of the normalised hidden states `x`."""
         t = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # q and k at once
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.tp.all_reduce(self.o_proj(out.reshape(t, self.q_size)))
+        return row_parallel(self.o_proj, out.reshape(t, self.q_size), residual, self.tp)
 
 
 class MLP(nn.Module):
@@ -101,12 +129,12 @@ class MLP(nn.Module):
         super().__init__()
         self.tp = tp
         width = arch.intermediate_size // tp.size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * width, bias=False)
-        self.down_proj = nn.Linear(width, arch.hidden_size, bias=False)
+        self.gate_up_proj = GateUpProjection(arch.hidden_size, 2 * width, bias=False)
+        self.down_proj = ResidualLinear(width, arch.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`residual` plus the MLP output of the normalised hidden states `x`."""
+        return row_parallel(self.down_proj, self.gate_up_proj(x), residual, self.tp)
 
 
 class DecoderLayer(nn.Module):
@@ -118,8 +146,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(arch, tp)
 
     def forward(self, x, rope, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -157,7 +185,7 @@ class LlamaForCausalLM(nn.Module):
         """
         x = self._embed(input_ids) if hidden is None else hidden
         rope = self.rotary(positions, x.dtype)
-        meta.prepare_decode_mask(kv_caches[0][0].shape[1])
+        meta.prepare_decode_mask(kv_caches[0][0].shape[1], x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, rope, kv_cache, meta)
         return self.norm(x) if self.norm is not None else x
