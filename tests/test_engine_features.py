@@ -248,3 +248,40 @@ def test_async_engine_rejects_bad_requests_and_keeps_serving(tiny_model):
         assert first.finished and len(first.outputs[0].token_ids) == 40
 
     asyncio.run(scenario())
+
+
+STEP_THREADS_SCRIPT = """
+import asyncio, ctypes, sys
+from pathlib import Path
+import torch
+from serving.config import LLMConfig
+from serving.engine.async_engine import AsyncLLMEngine
+from serving.engine.sampling_params import SamplingParams
+
+omp = ctypes.CDLL(str(next((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))))
+config = LLMConfig.model_validate({"model": {"source": sys.argv[1]}, "engine": {"num_threads": 2, "kv_cache_memory_gb": 0.02}})
+engine = AsyncLLMEngine(config)
+seen = []
+step = engine.engine.step
+engine.engine.step = lambda: (seen.append(omp.omp_get_max_threads()), step())[1]
+
+async def main():
+    async for _ in engine.generate([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True)):
+        pass
+
+asyncio.run(main())
+print(sorted(set(seen)))
+"""
+
+
+def test_async_steps_use_the_configured_threads_under_omp_num_threads_1(tiny_model):
+    """Ray sets OMP_NUM_THREADS=1 in a replica that reserves no CPUs, and OpenMP counts threads per OS
+    thread: the step thread must run with the engine's num_threads, not one (a served engine at half speed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", STEP_THREADS_SCRIPT, str(tiny_model)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "[2]"

@@ -1,7 +1,11 @@
-"""An asyncio front for the engine: requests stream their outputs while one loop runs the steps.
+"""An asyncio front for the engine: requests stream their outputs while a thread runs the steps.
 
-Steps run in a worker thread (the event loop stays free for I/O); a lock orders steps, new
-requests and aborts, so an abort frees the request's KV blocks before the next step starts.
+The step thread runs steps back to back while there is work and hands each step's outputs to the
+event loop, so sending one step's tokens to the clients overlaps the next step instead of delaying
+it (on two cores the fan-out of 32 streams cost a third of the throughput when it ran in between).
+The thread ends when the engine has nothing left to do; the next request starts a new one. A lock
+orders steps, new requests and aborts, so an abort frees the request's KV blocks before the next
+step starts.
 """
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+
+import torch
 
 from serving.config import LLMConfig
 from serving.engine.llm_engine import LLMEngine
@@ -29,8 +35,8 @@ class AsyncLLMEngine:
         self._stats = EngineStepStats()
         self._stats_lock = threading.Lock()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._wakeup: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered: the requests' loop
+        self._stepping = False  # a step thread is running; read and written under _lock
         self.dead_error: BaseException | None = None
         self.last_progress = time.monotonic()  # last time a step produced tokens (or the engine was idle)
 
@@ -44,7 +50,7 @@ class AsyncLLMEngine:
         """Yield the request's outputs as tokens arrive; closing the iterator early aborts it."""
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead_error}")
-        self._ensure_loop()
+        self._loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
@@ -57,7 +63,6 @@ class AsyncLLMEngine:
             except LLMClusterError:
                 finished = True  # rejected: nothing was queued, nothing to abort
                 raise
-            self._wakeup.set()
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -88,38 +93,48 @@ class AsyncLLMEngine:
             if not self.engine.has_unfinished_requests():
                 self.last_progress = time.monotonic()
             self.engine.add_request(request_id, prompt, params)
+            if not self._stepping:
+                self._stepping = True
+                threading.Thread(target=self._run, name="engine-steps", daemon=True).start()
 
     def _abort_locked(self, request_id: str) -> EngineStepStats:
         with self._lock:
             self.engine.abort_request(request_id)
             return self.engine.take_stats()
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wakeup = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
-
-    def _step_locked(self) -> tuple[list[RequestOutput], EngineStepStats]:
-        with self._lock:
-            return self.engine.step(), self.engine.take_stats()
-
-    async def _run(self) -> None:
+    def _run(self) -> None:
+        """The step thread: steps until the engine has no unfinished request, or a step fails."""
+        # OpenMP keeps a thread count per OS thread and starts a new thread at OMP_NUM_THREADS, which Ray
+        # sets to 1 in a worker that reserves no CPUs: without this, every step here would run on one core
+        # whatever torch.set_num_threads said in the thread that built the engine.
+        torch.set_num_threads(torch.get_num_threads())
         try:
             while True:
-                if not self.engine.has_unfinished_requests():
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                outputs, stats = await asyncio.to_thread(self._step_locked)
+                with self._lock:
+                    if not self.engine.has_unfinished_requests():
+                        self._stepping = False  # under the lock: a request added after this starts a new thread
+                        return
+                    outputs, stats = self.engine.step(), self.engine.take_stats()
                 self._keep_stats(stats)
                 if outputs:
                     self.last_progress = time.monotonic()
-                for output in outputs:
-                    queue = self._streams.get(output.request_id)
-                    if queue is not None:
-                        queue.put_nowait(output)
+                    self._deliver(outputs)
         except Exception as error:  # a fault in the step: fail every request in flight, loudly
             self.dead_error = error
-            for queue in self._streams.values():
-                queue.put_nowait(EngineDeadError(f"the engine stopped: {error!r}"))
+            self._deliver([EngineDeadError(f"the engine stopped: {error!r}")])
             raise
+
+    def _deliver(self, items: list[RequestOutput | EngineDeadError]) -> None:
+        """Hand a step's outputs (or the engine's death, to every request) to the requests' event loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._put, items)
+        except RuntimeError:  # the loop is closed: nobody is left to read them
+            pass
+
+    def _put(self, items: list[RequestOutput | EngineDeadError]) -> None:
+        for item in items:
+            if isinstance(item, EngineDeadError):
+                for queue in self._streams.values():
+                    queue.put_nowait(item)
+            elif (queue := self._streams.get(item.request_id)) is not None:
+                queue.put_nowait(item)
