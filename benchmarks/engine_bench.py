@@ -87,9 +87,9 @@ def throughput(args: argparse.Namespace) -> dict:
         hf = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir, dtype=llm.engine.runner.dtype).to(llm.engine.runner.device)
         time_transformers(hf, prompts_all[:2], 4, pad_id=0)
     rows = []
-    runs = [(batch, repeat) for batch in args.batch_sizes for repeat in range(args.repeats)]
+    runs = [batch for batch in args.batch_sizes for _ in range(args.repeats)]
     samples: dict[int, list[tuple[float, float | None]]] = {batch: [] for batch in args.batch_sizes}
-    for batch, _ in tqdm(runs, desc="Runs (engine, then transformers)"):
+    for batch in tqdm(runs, desc="Runs (engine, then transformers)"):
         # the two sides run back to back, so a swing in this machine's memory bandwidth hits both
         prompts = prompts_all[:batch]
         ours = batch * args.output_len / time_engine(llm, prompts, args.output_len)

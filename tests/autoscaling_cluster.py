@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 
 import psutil
 import ray
+from ports import free_port, listening
 from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
 from ray.experimental.internal_kv import _internal_kv_get
 
@@ -97,7 +97,7 @@ def autoscaler_config(gcs_address: str, head_cpus: int, worker_types: dict[str, 
 
 def start(head_cpus: int, worker_types: dict[str, Any], idle_timeout_minutes: float, timeout_s: float = 60.0) -> AutoscalingCluster:
     """Start the head with the autoscaler and wait until its GCS accepts connections."""
-    port = _free_port()
+    port = free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="llmc-as-"))  # short: Ray's socket paths live under it
     config_path = temp_dir / "autoscaler.json"
     config_path.write_text(json.dumps(autoscaler_config(f"127.0.0.1:{port}", head_cpus, worker_types, idle_timeout_minutes)))
@@ -112,21 +112,10 @@ def start(head_cpus: int, worker_types: dict[str, Any], idle_timeout_minutes: fl
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     cluster = AutoscalingCluster(f"127.0.0.1:{port}", process, temp_dir)
     deadline = time.monotonic() + timeout_s
-    while not _listening(port):
+    while not listening(port):
         if process.poll() is not None or time.monotonic() > deadline:
             log_text = (temp_dir / "head.log").read_text(errors="replace")
             cluster.stop()
             raise RuntimeError(f"the autoscaling Ray head did not start:\n{log_text[-3000:]}")
         time.sleep(0.2)
     return cluster
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0

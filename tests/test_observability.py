@@ -11,7 +11,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ import pytest
 import ray
 import requests
 import yaml
-from ports import free_port
+from ports import free_port, listening
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
@@ -91,18 +90,13 @@ def prometheus(server, tmp_path_factory) -> Iterator[str]:
     with open(workdir / "prometheus.log", "wb") as log:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
         try:
-            while not (_listening(port) and requests.get(f"{url}/-/ready", timeout=5).status_code == 200):
+            while not (listening(port) and requests.get(f"{url}/-/ready", timeout=5).status_code == 200):
                 assert process.poll() is None, (workdir / "prometheus.log").read_text()
                 time.sleep(0.2)
             yield url
         finally:
             process.terminate()
             process.wait(30)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def running_replicas() -> int:

@@ -13,7 +13,8 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import torch
 
@@ -118,23 +119,24 @@ class AsyncLLMEngine:
                 self._keep_stats(stats)
                 if outputs:
                     self.last_progress = time.monotonic()
-                    self._deliver(outputs)
+                    self._in_loop(self._put, outputs)
         except Exception as error:  # a fault in the step: fail every request in flight, loudly
             self.dead_error = error
-            self._deliver([EngineDeadError(f"the engine stopped: {error!r}")])
+            self._in_loop(self._fail_all, EngineDeadError(f"the engine stopped: {error!r}"))
             raise
 
-    def _deliver(self, items: list[RequestOutput | EngineDeadError]) -> None:
-        """Hand a step's outputs (or the engine's death, to every request) to the requests' event loop."""
+    def _in_loop(self, callback: Callable[[Any], None], arg: Any) -> None:
+        """Run `callback(arg)` on the requests' event loop (this runs in the step thread)."""
         try:
-            self._loop.call_soon_threadsafe(self._put, items)
+            self._loop.call_soon_threadsafe(callback, arg)
         except RuntimeError:  # the loop is closed: nobody is left to read them
             pass
 
-    def _put(self, items: list[RequestOutput | EngineDeadError]) -> None:
-        for item in items:
-            if isinstance(item, EngineDeadError):
-                for queue in self._streams.values():
-                    queue.put_nowait(item)
-            elif (queue := self._streams.get(item.request_id)) is not None:
-                queue.put_nowait(item)
+    def _put(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            if (queue := self._streams.get(output.request_id)) is not None:
+                queue.put_nowait(output)
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        for queue in self._streams.values():
+            queue.put_nowait(error)
