@@ -10,6 +10,11 @@
    called over HTTP with the same prompts (aiohttp, a lean client on the same cores): median time to
    first streamed token at concurrency 1, and output throughput at concurrency 32, streaming and not.
 
+Each of --rounds rounds measures 1 with no Ray running, then starts a local cluster for 2 and stops
+it again. This machine's speed drifts by a third from minute to minute, so a ratio of two numbers
+taken minutes apart says little: the result is the median over the rounds of each round's own
+difference (TTFT) and ratio (throughput).
+
 Greedy decoding with ignore_eos, so every request makes exactly --output-len tokens. Prints the
 ratios and writes a JSON file (--out).
 """
@@ -17,16 +22,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import ray
 from ray import serve
+from tqdm import tqdm
 
 from benchmarks.engine_bench import PROMPTS
 from serving.config import LLMConfig
@@ -109,8 +115,7 @@ async def served_throughput(session: aiohttp.ClientSession, url: str, model: str
     return sum(counts) / elapsed
 
 
-async def measure_direct(config: LLMConfig, args: argparse.Namespace) -> dict[str, float]:
-    engine = AsyncLLMEngine(config)
+async def measure_direct(engine: AsyncLLMEngine, args: argparse.Namespace) -> dict[str, float]:
     await direct_ttft(engine, prompts(4))  # warm-up
     ttft = statistics.median(await direct_ttft(engine, prompts(args.requests)))
     offline_throughput(engine, prompts(4), 4)  # warm-up
@@ -138,12 +143,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def measure_round(engine: AsyncLLMEngine, config: LLMConfig, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The direct measurements with no Ray running, then the served ones on a fresh local cluster."""
+    direct = asyncio.run(measure_direct(engine, args))
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        served = asyncio.run(measure_served(deploy(config), args))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"direct": direct, "served": served}
+
+
+def summarize(rounds: list[dict[str, dict[str, float]]]) -> dict[str, float]:
+    """Medians over the rounds of each round's own difference or ratio."""
+
+    def median(value: Callable[[dict[str, float], dict[str, float]], float]) -> float:
+        return statistics.median(value(r["direct"], r["served"]) for r in rounds)
+
+    return {
+        "ttft_overhead_ms": median(lambda d, s: s["ttft_ms"] - d["ttft_ms"]),
+        "throughput_ratio": median(lambda d, s: s["throughput_tok_s"] / d["throughput_tok_s"]),
+        "throughput_ratio_streaming": median(lambda d, s: s["throughput_stream_tok_s"] / d["throughput_tok_s"]),
+        "async_throughput_ratio": median(lambda d, s: d["async_throughput_tok_s"] / d["throughput_tok_s"]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="model folder, repo id or 'default'")
     parser.add_argument("--requests", type=int, default=20, help="sequential requests for the TTFT median")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="direct/served rounds; the median of their differences and ratios is reported")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--kv-cache-memory-gb", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_overhead.json"))
@@ -155,35 +187,30 @@ def main() -> None:
             "server": {"port": free_port()},
         }
     )
-    direct = asyncio.run(measure_direct(config, args))
-    gc.collect()  # the direct engine is gone before the served one loads
-    print(f"direct: {json.dumps(direct)}", flush=True)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    try:
-        served = asyncio.run(measure_served(deploy(config), args))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    print(f"served: {json.dumps(served)}", flush=True)
-    result = {
-        "direct": direct,
-        "served": served,
-        "ttft_overhead_ms": served["ttft_ms"] - direct["ttft_ms"],
-        "throughput_ratio": served["throughput_tok_s"] / direct["throughput_tok_s"],
-        "throughput_ratio_streaming": served["throughput_stream_tok_s"] / direct["throughput_tok_s"],
-        "settings": vars(args) | {"out": str(args.out)},
-    }
+    engine = AsyncLLMEngine(config)  # the direct engine: idle, and so free, while the served rounds run
+    rounds = []
+    for _ in tqdm(range(args.rounds), desc="Rounds (direct, then served)"):
+        rounds.append(measure_round(engine, config, args))
+        tqdm.write(json.dumps({side: {k: round(v, 1) for k, v in values.items()} for side, values in rounds[-1].items()}))
+    result = summarize(rounds) | {"rounds": rounds, "settings": vars(args) | {"out": str(args.out)}}
+    served = [r["served"] for r in rounds]
+    direct = [r["direct"] for r in rounds]
     print(
-        f"TTFT at concurrency 1: served {served['ttft_ms']:.1f} ms vs direct {direct['ttft_ms']:.1f} ms "
-        f"(+{result['ttft_overhead_ms']:.1f} ms)\n"
-        f"Output throughput at concurrency {args.concurrency}: served {served['throughput_tok_s']:.0f} tok/s "
-        f"({result['throughput_ratio']:.0%} of offline {direct['throughput_tok_s']:.0f} tok/s), "
-        f"streamed {served['throughput_stream_tok_s']:.0f} tok/s ({result['throughput_ratio_streaming']:.0%}); "
-        f"AsyncLLMEngine alone, in process: {direct['async_throughput_tok_s']:.0f} tok/s"
+        f"TTFT at concurrency 1: served {_median(served, 'ttft_ms'):.1f} ms vs direct {_median(direct, 'ttft_ms'):.1f} ms "
+        f"(+{result['ttft_overhead_ms']:.1f} ms, the median of the rounds' differences)\n"
+        f"Output throughput at concurrency {args.concurrency}: served {_median(served, 'throughput_tok_s'):.0f} tok/s, "
+        f"{result['throughput_ratio']:.0%} of offline {_median(direct, 'throughput_tok_s'):.0f} tok/s; "
+        f"streamed {_median(served, 'throughput_stream_tok_s'):.0f} tok/s, {result['throughput_ratio_streaming']:.0%}; "
+        f"AsyncLLMEngine alone, in process: {_median(direct, 'async_throughput_tok_s'):.0f} tok/s, {result['async_throughput_ratio']:.0%} "
+        f"(medians of {args.rounds} rounds' ratios)"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+
+
+def _median(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(row[key] for row in rows)
 
 
 if __name__ == "__main__":
