@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from ray import serve
 from tqdm import tqdm
 
 from benchmarks.engine_bench import PROMPTS
+from benchmarks.ports import free_port
 from serving.config import LLMConfig
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.sampling_params import SamplingParams
@@ -135,12 +135,6 @@ async def measure_served(url: str, args: argparse.Namespace) -> dict[str, float]
         streaming = await served_throughput(session, url, model, texts, args.output_len, stream=True)
         whole = await served_throughput(session, url, model, texts, args.output_len, stream=False)
     return {"ttft_ms": ttft * 1000, "throughput_stream_tok_s": streaming, "throughput_tok_s": whole}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure_round(engine: AsyncLLMEngine, config: LLMConfig, args: argparse.Namespace) -> dict[str, dict[str, float]]:

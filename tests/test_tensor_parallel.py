@@ -1,11 +1,10 @@
 """Tensor parallelism over gloo: every rank's logprobs and greedy tokens equal the single-worker engine's."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 from reference import max_summary_difference, output_summary
 
 from serving.config import EngineConfig, LLMConfig, ModelConfig
@@ -16,12 +15,6 @@ from serving.parallel.tensor import InvalidLayoutError, TensorParallel
 
 PROMPTS = ["The capital of France is", "1, 2, 3,", "Tokyo 東京 🎌 and", "def f(x):"]
 PARAMS = dict(max_tokens=8, temperature=0, logprobs=5, prompt_logprobs=5, ignore_eos=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, size: int, port: int, config: LLMConfig, results) -> None:
@@ -41,7 +34,7 @@ def _rank(rank: int, size: int, port: int, config: LLMConfig, results) -> None:
 def run_tensor_parallel(config: LLMConfig, size: int) -> dict[int, list]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, size, port, config, results)) for r in range(size)]
     for p in procs:
         p.start()

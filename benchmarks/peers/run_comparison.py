@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,17 +29,12 @@ from benchmarks.loadtest.cli import main as bench
 from benchmarks.loadtest.compare import compare_table
 from benchmarks.loadtest.plots import plot_comparison
 from benchmarks.loadtest.report import load_result, write_result
+from benchmarks.ports import free_port
 
 MODEL = Path.home() / ".cache/llm-cluster/models/SmolLM2-135M-Instruct"
 NAME = "SmolLM2-135M-Instruct"
 THREADS, MAX_BATCH, INPUT_LEN, OUTPUT_LEN = 2, 32, 16, 128
 POINTS = ((1, 3), (8, 16), (32, 32))  # (concurrency, requests)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def servers(peers: Path, port: int, ours_cache: Path) -> dict[str, tuple[list[str], dict[str, str], dict[str, str]]]:
