@@ -1,20 +1,29 @@
-"""An asyncio front for the engine: requests stream their outputs while a thread runs the steps.
+"""An asyncio front for the engine: requests stream their outputs while the engine's thread runs the steps.
 
-The step thread runs steps back to back while there is work and hands each step's outputs to the
-event loop, so sending one step's tokens to the clients overlaps the next step instead of delaying
-it (on two cores the fan-out of 32 streams cost a third of the throughput when it ran in between).
-The thread ends when the engine has nothing left to do; the next request starts a new one. A lock
-orders steps, new requests and aborts, so an abort frees the request's KV blocks before the next
-step starts.
+The engine's thread runs steps back to back while there is work and hands each step's outputs to
+the event loop, so sending one step's tokens to the clients overlaps the next step instead of
+delaying it (on two cores the fan-out of 32 streams cost a third of the throughput when it ran in
+between). A lock orders steps, new requests and aborts, so an abort frees the request's KV blocks
+before the next step starts.
+
+One thread, the same for the engine's whole life, builds the model and runs every step: each OS
+thread that runs torch's parallel ops gets its own OpenMP team, and once libgomp manages more
+threads than there are cores it stops spinning between parallel regions and puts its workers to
+sleep instead. With the model built in one thread and stepped in another, the steps made ~10,000
+futex sleeps per 100 steps and ran 10-30% slower on two cores.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,11 +34,48 @@ from serving.engine.sequence import RequestOutput
 from serving.engine.stats import EngineStepStats
 from serving.errors import EngineDeadError, InvalidRequestError, LLMClusterError
 
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _EngineThread:
+    """A daemon thread that runs the calls given to it one after another, for as long as its owner lives."""
+
+    def __init__(self, num_threads: int) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, args=(self._calls, num_threads), name="engine", daemon=True).start()
+
+    def submit(self, call: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        self._calls.put((call, future))
+        return future
+
+    def stop(self) -> None:
+        """Let the thread end (and its OpenMP team with it) once the calls already given to it are done."""
+        self._calls.put(None)
+
+    @staticmethod
+    def _serve(calls: queue.SimpleQueue, num_threads: int) -> None:
+        # OpenMP keeps a thread count per OS thread and starts a new thread at OMP_NUM_THREADS, not at what
+        # torch.set_num_threads said in the thread that created this one
+        torch.set_num_threads(num_threads)
+        while (item := calls.get()) is not None:
+            call, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(call())
+                except BaseException as error:
+                    future.set_exception(error)
+
 
 class AsyncLLMEngine:
     def __init__(self, config: LLMConfig, collect_stats: bool = False) -> None:
         """`collect_stats`: keep the engine's measurements for `take_stats`, which the owner must then call regularly."""
-        self.engine = LLMEngine(config, collect_stats=collect_stats)
+        self._thread = _EngineThread(torch.get_num_threads())
+        # the thread, and its OpenMP team, end with this object, but not at interpreter exit: a thread
+        # ending while the interpreter tears down aborts the process ("terminate called ...")
+        weakref.finalize(self, self._thread.stop).atexit = False
+        self.engine = self._thread.submit(lambda: LLMEngine(config, collect_stats=collect_stats)).result()
         self._lock = threading.Lock()
         # what the steps measured, taken inside each locked step; its own lock is held for microseconds only,
         # so a metrics thread never waits behind a step (the step lock is not fair and can starve it)
@@ -37,7 +83,7 @@ class AsyncLLMEngine:
         self._stats_lock = threading.Lock()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered: the requests' loop
-        self._stepping = False  # a step thread is running; read and written under _lock
+        self._stepping = False  # the engine's thread is in the step loop; read and written under _lock
         self.dead_error: BaseException | None = None
         self.last_progress = time.monotonic()  # last time a step produced tokens (or the engine was idle)
 
@@ -96,24 +142,29 @@ class AsyncLLMEngine:
             self.engine.add_request(request_id, prompt, params)
             if not self._stepping:
                 self._stepping = True
-                threading.Thread(target=self._run, name="engine-steps", daemon=True).start()
+                self._thread.submit(self._run)
 
     def _abort_locked(self, request_id: str) -> EngineStepStats:
         with self._lock:
             self.engine.abort_request(request_id)
             return self.engine.take_stats()
 
+    def run_on_engine_thread(self, call: Callable[[LLMEngine], T]) -> T:
+        """Run `call(engine)` on the engine's thread once no step loop is running there; returns its result (blocks)."""
+
+        def locked() -> T:
+            with self._lock:
+                return call(self.engine)
+
+        return self._thread.submit(locked).result()
+
     def _run(self) -> None:
-        """The step thread: steps until the engine has no unfinished request, or a step fails."""
-        # OpenMP keeps a thread count per OS thread and starts a new thread at OMP_NUM_THREADS, which Ray
-        # sets to 1 in a worker that reserves no CPUs: without this, every step here would run on one core
-        # whatever torch.set_num_threads said in the thread that built the engine.
-        torch.set_num_threads(torch.get_num_threads())
+        """The step loop, on the engine's thread: steps until the engine has no unfinished request, or a step fails."""
         try:
             while True:
                 with self._lock:
                     if not self.engine.has_unfinished_requests():
-                        self._stepping = False  # under the lock: a request added after this starts a new thread
+                        self._stepping = False  # under the lock: a request added after this starts the loop again
                         return
                     outputs, stats = self.engine.step(), self.engine.take_stats()
                 self._keep_stats(stats)
@@ -121,12 +172,12 @@ class AsyncLLMEngine:
                     self.last_progress = time.monotonic()
                     self._in_loop(self._put, outputs)
         except Exception as error:  # a fault in the step: fail every request in flight, loudly
+            logger.exception("the engine stopped")
             self.dead_error = error
             self._in_loop(self._fail_all, EngineDeadError(f"the engine stopped: {error!r}"))
-            raise
 
     def _in_loop(self, callback: Callable[[Any], None], arg: Any) -> None:
-        """Run `callback(arg)` on the requests' event loop (this runs in the step thread)."""
+        """Run `callback(arg)` on the requests' event loop (this runs in the engine's thread)."""
         try:
             self._loop.call_soon_threadsafe(callback, arg)
         except RuntimeError:  # the loop is closed: nobody is left to read them
