@@ -37,6 +37,7 @@ from benchmarks.engine_bench import PROMPTS
 from benchmarks.ports import free_port
 from serving.config import LLMConfig
 from serving.engine.async_engine import AsyncLLMEngine
+from serving.engine.llm_engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
 from serving.server.deployments import deploy
 
@@ -57,14 +58,18 @@ async def direct_ttft(engine: AsyncLLMEngine, texts: list[str]) -> list[float]:
 
 
 def offline_throughput(engine: AsyncLLMEngine, texts: list[str], output_len: int) -> float:
-    sync = engine.engine
+    """The engine stepped in a plain loop, on its own thread (another thread would start a second OpenMP team)."""
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    start = time.perf_counter()
-    for i, text in enumerate(texts):
-        sync.add_request(f"offline-{i}", text, params)
-    while sync.has_unfinished_requests():
-        sync.step()
-    return len(texts) * output_len / (time.perf_counter() - start)
+
+    def run(sync: LLMEngine) -> float:
+        start = time.perf_counter()
+        for i, text in enumerate(texts):
+            sync.add_request(f"offline-{i}", text, params)
+        while sync.has_unfinished_requests():
+            sync.step()
+        return len(texts) * output_len / (time.perf_counter() - start)
+
+    return engine.run_on_engine_thread(run)
 
 
 async def async_throughput(engine: AsyncLLMEngine, texts: list[str], output_len: int) -> float:
@@ -140,6 +145,8 @@ async def measure_served(url: str, args: argparse.Namespace) -> dict[str, float]
 def measure_round(engine: AsyncLLMEngine, config: LLMConfig, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """The direct measurements with no Ray running, then the served ones on a fresh local cluster."""
     direct = asyncio.run(measure_direct(engine, args))
+    # a new port each round: the last round's proxy may not have let go of its port yet
+    config = config.model_copy(update={"server": config.server.model_copy(update={"port": free_port()})})
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         served = asyncio.run(measure_served(deploy(config), args))
@@ -178,7 +185,6 @@ def main() -> None:
         {
             "model": {"source": args.model, "max_model_len": args.max_model_len},
             "engine": {"kv_cache_memory_gb": args.kv_cache_memory_gb, "max_num_seqs": args.concurrency},
-            "server": {"port": free_port()},
         }
     )
     engine = AsyncLLMEngine(config)  # the direct engine: idle, and so free, while the served rounds run
