@@ -322,3 +322,9 @@ def test_async_engine_builds_and_steps_on_one_thread(tiny_model, monkeypatch):
     offline_on = engine.run_on_engine_thread(lambda sync: threading.get_ident())
     assert len(built_on) == 1 and stepped_on == {built_on[0]} == {offline_on}
     assert built_on[0] != threading.get_ident()
+
+
+def test_async_engine_raises_a_build_error_in_the_callers_thread(tmp_path):
+    """The model is built on the engine's thread; what goes wrong there reaches the caller with its type."""
+    with pytest.raises(ModelSourceError):
+        AsyncLLMEngine(LLMConfig(model=ModelConfig(source=str(tmp_path / "does-not-exist"))))
