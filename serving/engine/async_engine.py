@@ -39,11 +39,15 @@ T = TypeVar("T")
 
 
 class _EngineThread:
-    """A daemon thread that runs the calls given to it one after another, for as long as its owner lives."""
+    """A daemon thread that runs the calls given to it one after another, for as long as its owner lives.
+
+    Not a one-worker ThreadPoolExecutor: that joins its thread at interpreter exit, which waits out any
+    request still being stepped, and a thread ending during interpreter teardown aborts the process.
+    """
 
     def __init__(self, num_threads: int) -> None:
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
-        threading.Thread(target=self._serve, args=(self._calls, num_threads), name="engine", daemon=True).start()
+        threading.Thread(target=self._serve, args=(num_threads,), name="engine", daemon=True).start()
 
     def submit(self, call: Callable[[], T]) -> Future[T]:
         future: Future[T] = Future()
@@ -54,18 +58,16 @@ class _EngineThread:
         """Let the thread end (and its OpenMP team with it) once the calls already given to it are done."""
         self._calls.put(None)
 
-    @staticmethod
-    def _serve(calls: queue.SimpleQueue, num_threads: int) -> None:
+    def _serve(self, num_threads: int) -> None:
         # OpenMP keeps a thread count per OS thread and starts a new thread at OMP_NUM_THREADS, not at what
         # torch.set_num_threads said in the thread that created this one
         torch.set_num_threads(num_threads)
-        while (item := calls.get()) is not None:
+        while (item := self._calls.get()) is not None:
             call, future = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(call())
-                except BaseException as error:
-                    future.set_exception(error)
+            try:
+                future.set_result(call())
+            except BaseException as error:  # noqa: BLE001 - whatever it is belongs to the caller waiting on the future
+                future.set_exception(error)
 
 
 class AsyncLLMEngine:
@@ -189,5 +191,5 @@ class AsyncLLMEngine:
                 queue.put_nowait(output)
 
     def _fail_all(self, error: EngineDeadError) -> None:
-        for queue in self._streams.values():
-            queue.put_nowait(error)
+        for stream in self._streams.values():
+            stream.put_nowait(error)
