@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
+if ! command -v cc >/dev/null; then  # compiles the engine's CPU kernels (serving/models/cpu_kernels.c) on first use
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null
+fi
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 # DeepSpeed ships only as source and its build needs torch: build it against the torch installed above
 python -c "import deepspeed" 2>/dev/null || python -m pip install -q --no-build-isolation "deepspeed==0.19.8"

@@ -67,13 +67,13 @@ def test_prefix_cache_is_used_and_exact(tiny_model):
 
 
 def test_unpacked_layers_match_transformers(tiny_model, monkeypatch):
-    """The plain nn.Linear layers (GPUs, lower precisions, CPUs without oneDNN) against the reference too:
-    on CPU float32 the engine otherwise always runs the oneDNN-packed ones."""
+    """The plain nn.Linear layers (GPUs, lower precisions, CPUs without our kernels) against the reference too:
+    on CPU float32 the engine otherwise runs the panel-packed ones."""
     from serving.engine import model_runner
 
-    monkeypatch.setattr(model_runner, "onednn_available", lambda: False)
+    monkeypatch.setattr(model_runner, "load_cpu_kernels", lambda: None)
     llm = LLM(str(tiny_model), block_size=4, kv_cache_memory_gb=0.02, max_num_batched_tokens=16)
-    assert not any(name.endswith("packed_weight") for name, _ in llm.engine.runner.model.named_buffers())
+    assert not any(name.endswith("panels") for name, _ in llm.engine.runner.model.named_buffers())
     check_against_reference(llm, load_reference(tiny_model), PROMPTS[:4], max_tokens=8)
 
 

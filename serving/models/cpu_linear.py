@@ -1,65 +1,57 @@
-"""Linear layers with oneDNN-prepacked weights, for CPU inference.
+"""Linear layers for float32 CPU inference on our own kernels (serving/models/cpu_kernels.c).
 
-PyTorch's default CPU linear (MKL) is slow on the skinny matrices of batched decoding: at 8-32
-rows oneDNN with weights reordered once ahead of time runs the model's projections 1.3-2.5x
-faster, and the 49k-row LM head about 2x (see benchmarks/README.md). oneDNN also fuses what
-follows a projection (SiLU, the gate product, the residual add) into the same call.
+torch's CPU linear (MKL) and oneDNN with prepacked weights are both slow on the skinny matrices
+of decoding: on this project's AVX2 machine our panel-packed kernels ran the model's projections
+1.5-2.3x faster than prepacked oneDNN at 1-8 rows and 1.2-1.4x at 32 (`python -m
+benchmarks.cpu_kernels_bench`). The bias, the residual add after o_proj/down_proj and the SiLU
+gate product are fused into the same call.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from serving.models.cpu_kernels import CpuKernels, to_gate_up_panels, to_panels
 from serving.models.llama import GateUpProjection
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+class PanelLinear(nn.Module):
+    """y = x W^T + b (+ residual, fused into the same call) with W packed into panels."""
 
-
-class PackedLinear(nn.Module):
-    """y = x W^T + b (+ residual, fused into the same oneDNN call) with W in oneDNN's blocked layout."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: CpuKernels) -> None:
         super().__init__()
+        self.kernels = kernels
         self.out_features = weight.shape[0]
-        self.register_buffer("packed_weight", _pack(weight))
+        self.register_buffer("panels", to_panels(weight.detach()))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        if residual is None:
-            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
-        else:
-            out = torch.ops.mkldnn._linear_pointwise.binary(rows, residual.reshape(rows.shape[0], -1), self.packed_weight, self.bias, "add")
+        rows = x.reshape(-1, shape[-1]).contiguous()
+        if residual is not None:
+            residual = residual.reshape(rows.shape[0], -1).contiguous()
+        out = self.kernels.linear(rows, self.panels, self.out_features, self.bias, residual)
         return out.view(*shape[:-1], self.out_features)
 
 
-class PackedGateUp(nn.Module):
-    """silu(x Wg^T) * x Wu^T as two oneDNN calls, the SiLU and the product fused into them: the
-    unfused version (one matmul, then chunk, silu, mul) spends more time launching kernels than computing
-    them at decode batch sizes on a small model."""
+class PanelGateUp(nn.Module):
+    """silu(x Wg^T) * x Wu^T in one call, gate and up rows interleaved in the panels."""
 
-    def __init__(self, gate_up_weight: torch.Tensor) -> None:
+    def __init__(self, gate_up_weight: torch.Tensor, kernels: CpuKernels) -> None:
         super().__init__()
+        self.kernels = kernels
         gate, up = gate_up_weight.detach().chunk(2, dim=0)
-        self.register_buffer("packed_gate", _pack(gate))
-        self.register_buffer("packed_up", _pack(up))
+        self.width = gate.shape[0]
+        self.register_buffer("panels", to_gate_up_panels(gate, up))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        gate = torch.ops.mkldnn._linear_pointwise(rows, self.packed_gate, None, "swish", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(rows, gate, self.packed_up, None, "mul").view(*x.shape[:-1], gate.shape[-1])
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        return self.kernels.gate_up(rows, self.panels, self.width).view(*x.shape[:-1], self.width)
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
-
-
-def pack_linears(model: nn.Module) -> None:
-    """Replace every nn.Linear of a float32 CPU model by its packed version, in place, one at a time
-    (GateUpProjection by PackedGateUp, any other by PackedLinear).
+def pack_linears(model: nn.Module, kernels: CpuKernels) -> None:
+    """Replace every nn.Linear of a float32 CPU model by its panel version, in place, one at a time
+    (GateUpProjection by PanelGateUp, any other by PanelLinear).
 
     Only names are collected up front, so each original weight is freed as soon as it is packed
     and peak memory grows by one layer, not by the whole model.
@@ -69,6 +61,9 @@ def pack_linears(model: nn.Module) -> None:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, attr)
-        packed = PackedGateUp(linear.weight) if isinstance(linear, GateUpProjection) else PackedLinear(linear.weight, linear.bias)
+        if isinstance(linear, GateUpProjection):
+            packed = PanelGateUp(linear.weight, kernels)
+        else:
+            packed = PanelLinear(linear.weight, linear.bias, kernels)
         setattr(parent, attr, packed)
         del linear

@@ -1,0 +1,132 @@
+"""Build and call the float32 CPU matrix kernels of `cpu_kernels.c`.
+
+The C file is compiled once per machine and source version with the system C compiler (a second or
+two) into the cache directory, and loaded with ctypes. It is linked against the OpenMP runtime
+that torch itself loaded, so its threads are torch's threads: a second OpenMP runtime would start a
+second team on the same cores and both would stop spinning (see ARCHITECTURE.md).
+
+`load_cpu_kernels()` returns None, with the reason logged once, where the kernels cannot run: not
+x86-64 with AVX2/FMA, torch without OpenMP, no C compiler, or LLM_CLUSTER_CPU_KERNELS=0.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from serving.models.source import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+
+
+class CpuKernels:
+    """Typed wrappers over the compiled library; every tensor is float32, contiguous, on the CPU."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._linear = library.llm_linear
+        self._linear.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _POINTER, _POINTER, _POINTER, ctypes.c_int]
+        self._linear.restype = None
+        self._gate_up = library.llm_gate_up
+        self._gate_up.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _POINTER, ctypes.c_int]
+        self._gate_up.restype = None
+
+    def linear(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+        """x [M, K] @ W^T (+ bias [n]) (+ residual [M, n]) with W packed by `to_panels`."""
+        m, k = x.shape
+        out = torch.empty(m, n)
+        self._linear(x.data_ptr(), m, k, panels.data_ptr(), n, _ptr(bias), _ptr(residual), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def gate_up(self, x: torch.Tensor, panels: torch.Tensor, width: int) -> torch.Tensor:
+        """silu(x Wg^T) * x Wu^T, [M, width], with the weights packed by `to_gate_up_panels`."""
+        m, k = x.shape
+        out = torch.empty(m, width)
+        self._gate_up(x.data_ptr(), m, k, panels.data_ptr(), width, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+def _ptr(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N/16), K, 16]: groups of 16 output rows, k-major, the last zero-padded."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // 16) * 16, k)
+    padded[:n] = weight
+    return padded.view(-1, 16, k).transpose(1, 2).contiguous()
+
+
+def to_gate_up_panels(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Gate and up [W, K] -> [ceil(W/8), K, 16]: each panel's first 8 columns gate rows, last 8 the same up rows."""
+    width, k = gate.shape
+    groups = -(-width // 8)
+    padding = torch.zeros(groups * 8 - width, k)
+    gate_groups = torch.cat((gate, padding)).view(groups, 8, k)
+    up_groups = torch.cat((up, padding)).view(groups, 8, k)
+    both = torch.cat((gate_groups, up_groups), dim=1)
+    return both.transpose(1, 2).contiguous()
+
+
+@functools.cache
+def load_cpu_kernels() -> CpuKernels | None:
+    """The compiled kernels, or None (reason logged) where they cannot be used on this machine."""
+    reason = _unavailable_reason()
+    if reason is None:
+        try:
+            return CpuKernels(ctypes.CDLL(str(_build())))
+        except subprocess.CalledProcessError as error:
+            reason = f"compiling {SOURCE.name} failed: {error.stderr.strip()}"
+        except OSError as error:
+            reason = f"loading {SOURCE.name} failed: {error}"
+    log.warning("CPU matrix kernels not used (%s); falling back to torch's linear layers, which are slower", reason)
+    return None
+
+
+def _unavailable_reason() -> str | None:
+    if os.environ.get("LLM_CLUSTER_CPU_KERNELS", "1") == "0":
+        return "LLM_CLUSTER_CPU_KERNELS=0"
+    if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"needs x86-64 with AVX2 and FMA, this is {platform.machine()} with {torch.backends.cpu.get_cpu_capability()}"
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return "torch was built without OpenMP"
+    if _compiler() is None:
+        return "no C compiler (set CC or install gcc)"
+    return None
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def _torch_openmp() -> list[str]:
+    """Link against torch's bundled libgomp when it has one (its soname may differ from the system's)."""
+    bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return [str(bundled[0])] if bundled else []
+
+
+def _build() -> Path:
+    """Compile into the cache unless this source, flag set and OpenMP runtime were compiled before."""
+    command = [_compiler(), *_FLAGS, "-o", "{output}", str(SOURCE), *_torch_openmp()]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            subprocess.run([part.replace("{output}", str(built)) for part in command], check=True, capture_output=True, text=True)
+            os.replace(built, target)  # atomic: concurrent builders (replicas, test workers) never see half a file
+    return target
