@@ -92,3 +92,36 @@ def test_a_failing_compiler_falls_back_with_the_reason(monkeypatch, caplog, tmp_
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("LLM_CLUSTER_CPU_KERNELS", "0")
     assert cpu_kernels._unavailable_reason() == "LLM_CLUSTER_CPU_KERNELS=0"
+
+
+@pytest.mark.parametrize("rows, size", [(1, 576), (3, 37), (40, 64)])
+def test_rms_norm_matches_float64(kernels, rows, size):
+    x, weight = torch.randn(rows, size) * 3, torch.randn(size)
+    x64 = x.double()
+    reference = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5).double(), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 4, 12), (8, 1, 16)])
+def test_decode_attention_matches_float64_over_gathered_blocks(kernels, heads, kv_heads, head_dim):
+    """Sequences of different lengths over shuffled blocks; block tables padded with a block that must not be read."""
+    block_size, num_blocks = 4, 40
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim) for _ in range(2))
+    context_lens = torch.tensor([1, 4, 5, 23, 37])
+    order = torch.randperm(num_blocks - 1)
+    tables, used = torch.full((len(context_lens), 10), num_blocks - 1), 0
+    for b, n in enumerate(context_lens.tolist()):
+        blocks = -(-n // block_size)
+        tables[b, :blocks] = order[used : used + blocks]
+        used += blocks
+    k_cache[num_blocks - 1] = float("nan")  # the padding block: reading it would poison the output
+    q = torch.randn(len(context_lens), heads, head_dim)
+    scale = head_dim**-0.5
+    out = kernels.decode_attention(q, k_cache, v_cache, tables, context_lens, scale)
+    for b, n in enumerate(context_lens.tolist()):
+        keys = k_cache[tables[b]].reshape(-1, kv_heads, head_dim)[:n].double()
+        values = v_cache[tables[b]].reshape(-1, kv_heads, head_dim)[:n].double()
+        per_head = heads // kv_heads
+        weights = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double(), keys.repeat_interleave(per_head, 1)) * scale, dim=-1)
+        reference = torch.einsum("hn,nhd->hd", weights, values.repeat_interleave(per_head, 1))
+        torch.testing.assert_close(out[b].double(), reference, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ from serving.config import EngineConfig, ModelConfig
 from serving.models.arch import ModelArch
 from serving.models.attention import AttentionMetadata, PrefillChunk
 from serving.models.cpu_kernels import load_cpu_kernels
-from serving.models.cpu_linear import pack_linears
+from serving.models.cpu_layers import use_cpu_kernels
 from serving.models.loader import load_model
 from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
 from serving.parallel.tensor import SINGLE, TensorParallel
@@ -88,7 +88,7 @@ class ModelRunner:
             if stage.is_last and self.model.lm_head is None:  # the packed LM head is a second copy of the tied embedding
                 self.model.lm_head = nn.Linear(*reversed(self.model.embed_tokens.weight.shape), bias=False)
                 self.model.lm_head.weight = self.model.embed_tokens.weight
-            pack_linears(self.model, kernels)
+            use_cpu_kernels(self.model, kernels)
         self.num_blocks = self._num_blocks(engine_config.kv_cache_memory_gb)
         shape = (self.num_blocks + 1, self.block_size, self.num_kv_heads, arch.head_dim)  # +1: scratch block
         self.kv_caches = [

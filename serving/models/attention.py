@@ -8,9 +8,13 @@ causal SDPA call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from serving.models.cpu_kernels import CpuKernels
 
 
 @dataclass
@@ -50,16 +54,17 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    kernels: CpuKernels | None = None,
 ) -> torch.Tensor:
+    """Attention output [T, H, D]; `kernels` (float32 CPU) run the decodes on the cache in place."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     if not meta.prefills:
-        return _decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale)
+        return _decode_attention(q, k_cache, v_cache, meta, scale, kernels)
     out = torch.empty_like(q)
     if meta.num_decodes:
-        n = meta.num_decodes
-        out[:n] = _decode_attention(q[:n], k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale)
+        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale, kernels)
     for chunk in meta.prefills:
         out[chunk.start : chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, chunk, scale)
     return out
@@ -81,16 +86,18 @@ def _decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    mask: torch.Tensor,
+    meta: AttentionMetadata,
     scale: float,
+    kernels: CpuKernels | None,
 ) -> torch.Tensor:
-    keys = _gather(k_cache, block_tables)
-    values = _gather(v_cache, block_tables)
+    if kernels is not None:
+        return kernels.decode_attention(q.contiguous(), k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+    keys = _gather(k_cache, meta.decode_block_tables)
+    values = _gather(v_cache, meta.decode_block_tables)
     # the query heads sharing a KV head become that head's queries: no KV repeat, one kernel call
     b, num_heads, head_dim = q.shape
     grouped = q.view(b, keys.shape[1], num_heads // keys.shape[1], head_dim)
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask, scale=scale)
     return out.reshape(b, num_heads, head_dim)
 
 

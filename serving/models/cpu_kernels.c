@@ -14,6 +14,8 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define PANEL 16
@@ -111,6 +113,76 @@ void llm_gate_up(const float *x, int64_t M, int64_t K, const float *panels, int6
                 _mm256_storeu_ps(gated, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid), up));
                 memcpy(out + (m + r) * width + col, gated, n * sizeof(float));
             }
+        }
+    }
+}
+
+/* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * weight, as Hugging Face's LlamaRMSNorm in float32. */
+void llm_rms_norm(const float *x, int64_t M, int64_t K, const float *weight, float eps, float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 1 << 16)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        __m256 squares = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = _mm256_loadu_ps(row + k);
+            squares = _mm256_fmadd_ps(v, v, squares);
+        }
+        float lanes[8], sum = 0.0f;
+        _mm256_storeu_ps(lanes, squares);
+        for (int i = 0; i < 8; i++) sum += lanes[i];
+        for (; k < K; k++) sum += row[k] * row[k];
+        float inv = 1.0f / sqrtf(sum / (float)K + eps);
+        for (k = 0; k < K; k++) out[m * K + k] = weight[k] * (row[k] * inv);
+    }
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float lanes[8], sum = 0.0f;
+    _mm256_storeu_ps(lanes, acc);
+    for (int j = 0; j < 8; j++) sum += lanes[j];
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+/* Attention of one new token per sequence over its keys in the paged cache, read in place.
+ * q, out: [B][H][D]; k_cache, v_cache: [blocks][block_size][KVH][D]; block_tables: [B][max_blocks];
+ * context_lens[b] keys are attended to (the new token's own key is already in the cache).
+ * The H / KVH query heads sharing a KV head are computed together, one task per (sequence, KV head). */
+void llm_decode_attention(const float *q, int64_t B, int64_t H, int64_t KVH, int64_t D, const float *k_cache,
+                          const float *v_cache, int64_t block_size, const int64_t *block_tables, int64_t max_blocks,
+                          const int64_t *context_lens, float scale, float *out, int threads) {
+    int64_t group = H / KVH;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t g = 0; g < KVH; g++) {
+            int64_t n = context_lens[b];
+            const int64_t *table = block_tables + b * max_blocks;
+            float *scores = malloc(sizeof(float) * n * group);
+            for (int64_t t = 0; t < n; t++) {
+                const float *key = k_cache + ((table[t / block_size] * block_size + t % block_size) * KVH + g) * D;
+                for (int64_t j = 0; j < group; j++) scores[j * n + t] = dot(q + (b * H + g * group + j) * D, key, D) * scale;
+            }
+            for (int64_t j = 0; j < group; j++) {
+                float *s = scores + j * n, top = s[0], total = 0.0f;
+                for (int64_t t = 1; t < n; t++) top = s[t] > top ? s[t] : top;
+                int64_t t = 0;
+                for (; t + 8 <= n; t += 8)
+                    _mm256_storeu_ps(s + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(top))));
+                for (; t < n; t++) s[t] = expf(s[t] - top);
+                for (t = 0; t < n; t++) total += s[t];
+                float *o = out + (b * H + g * group + j) * D;
+                for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+                for (t = 0; t < n; t++) {
+                    const float *value = v_cache + ((table[t / block_size] * block_size + t % block_size) * KVH + g) * D;
+                    float p = s[t] / total;
+                    for (int64_t d = 0; d < D; d++) o[d] += p * value[d];
+                }
+            }
+            free(scores);
         }
     }
 }

@@ -42,6 +42,12 @@ class CpuKernels:
         self._gate_up = library.llm_gate_up
         self._gate_up.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _POINTER, ctypes.c_int]
         self._gate_up.restype = None
+        self._rms_norm = library.llm_rms_norm
+        self._rms_norm.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, ctypes.c_float, _POINTER, ctypes.c_int]
+        self._rms_norm.restype = None
+        self._decode_attention = library.llm_decode_attention
+        self._decode_attention.argtypes = [_POINTER, *[_SIZE] * 4, _POINTER, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER, ctypes.c_float, _POINTER, ctypes.c_int]
+        self._decode_attention.restype = None
 
     def linear(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] @ W^T (+ bias [n]) (+ residual [M, n]) with W packed by `to_panels`."""
@@ -55,6 +61,28 @@ class CpuKernels:
         m, k = x.shape
         out = torch.empty(m, width)
         self._gate_up(x.data_ptr(), m, k, panels.data_ptr(), width, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [M, K] / sqrt(mean(x^2) + eps) * weight [K]."""
+        m, k = x.shape
+        out = torch.empty(m, k)
+        self._rms_norm(x.data_ptr(), m, k, weight.data_ptr(), eps, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def decode_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """One query token per sequence, q [B, H, D], over the first context_lens[b] keys of its blocks
+        (cache [blocks, block_size, KVH, D], block_tables [B, max_blocks] and context_lens [B] int64)."""
+        b, heads, head_dim = q.shape
+        _, block_size, kv_heads, _ = k_cache.shape
+        out = torch.empty_like(q)
+        self._decode_attention(
+            q.data_ptr(), b, heads, kv_heads, head_dim, k_cache.data_ptr(), v_cache.data_ptr(), block_size,
+            block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), scale, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
         return out
 
 
@@ -120,7 +148,7 @@ def _torch_openmp() -> list[str]:
 
 def _build() -> Path:
     """Compile into the cache unless this source, flag set and OpenMP runtime were compiled before."""
-    command = [_compiler(), *_FLAGS, "-o", "{output}", str(SOURCE), *_torch_openmp()]
+    command = [_compiler(), *_FLAGS, "-o", "{output}", str(SOURCE), *_torch_openmp(), "-lm"]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
     if not target.exists():

@@ -6,6 +6,7 @@ fused into one matrix each (the loader concatenates the checkpoint's separate we
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from serving.models.arch import ModelArch
 from serving.models.attention import AttentionMetadata, paged_attention
 from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
 from serving.parallel.tensor import SINGLE, TensorParallel
+
+if TYPE_CHECKING:
+    from serving.models.cpu_kernels import CpuKernels
 
 
 class RMSNorm(nn.Module):
@@ -105,6 +109,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
         self.o_proj = ResidualLinear(self.q_size, arch.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
+        self.cpu_kernels: CpuKernels | None = None  # set by cpu_layers.use_cpu_kernels: decodes then read the cache in place
 
     def forward(
         self,
@@ -120,7 +125,7 @@ class Attention(nn.Module):
         qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # q and k at once
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.cpu_kernels)
         return row_parallel(self.o_proj, out.reshape(t, self.q_size), residual, self.tp)
 
 

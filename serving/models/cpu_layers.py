@@ -1,10 +1,11 @@
-"""Linear layers for float32 CPU inference on our own kernels (serving/models/cpu_kernels.c).
+"""The model's layers on our own float32 CPU kernels (serving/models/cpu_kernels.c).
 
 torch's CPU linear (MKL) and oneDNN with prepacked weights are both slow on the skinny matrices
 of decoding: on this project's AVX2 machine our panel-packed kernels ran the model's projections
 1.5-2.3x faster than prepacked oneDNN at 1-8 rows and 1.2-1.4x at 32 (`python -m
 benchmarks.cpu_kernels_bench`). The bias, the residual add after o_proj/down_proj and the SiLU
-gate product are fused into the same call.
+gate product are fused into the same call. RMSNorm and the decode attention (reading the paged
+cache in place instead of gathering it) run on the kernels too: each was several torch ops.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from serving.models.cpu_kernels import CpuKernels, to_gate_up_panels, to_panels
-from serving.models.llama import GateUpProjection
+from serving.models.llama import Attention, GateUpProjection, RMSNorm
 
 
 class PanelLinear(nn.Module):
@@ -49,21 +50,39 @@ class PanelGateUp(nn.Module):
         return self.kernels.gate_up(rows, self.panels, self.width).view(*x.shape[:-1], self.width)
 
 
-def pack_linears(model: nn.Module, kernels: CpuKernels) -> None:
-    """Replace every nn.Linear of a float32 CPU model by its panel version, in place, one at a time
-    (GateUpProjection by PanelGateUp, any other by PanelLinear).
+class KernelRMSNorm(nn.Module):
+    def __init__(self, norm: RMSNorm, kernels: CpuKernels) -> None:
+        super().__init__()
+        self.kernels = kernels
+        self.weight = norm.weight
+        self.eps = norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        return self.kernels.rms_norm(rows, self.weight, self.eps).view(x.shape)
+
+
+def use_cpu_kernels(model: nn.Module, kernels: CpuKernels) -> None:
+    """Run a float32 CPU model on the kernels, in place: every nn.Linear becomes its panel version
+    (GateUpProjection a PanelGateUp, any other a PanelLinear), every RMSNorm a KernelRMSNorm, and
+    attention decodes read the cache in place.
 
     Only names are collected up front, so each original weight is freed as soon as it is packed
     and peak memory grows by one layer, not by the whole model.
     """
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    names = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, RMSNorm))]
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        linear = getattr(parent, attr)
-        if isinstance(linear, GateUpProjection):
-            packed = PanelGateUp(linear.weight, kernels)
+        layer = getattr(parent, attr)
+        if isinstance(layer, RMSNorm):
+            replacement = KernelRMSNorm(layer, kernels)
+        elif isinstance(layer, GateUpProjection):
+            replacement = PanelGateUp(layer.weight, kernels)
         else:
-            packed = PanelLinear(linear.weight, linear.bias, kernels)
-        setattr(parent, attr, packed)
-        del linear
+            replacement = PanelLinear(layer.weight, layer.bias, kernels)
+        setattr(parent, attr, replacement)
+        del layer
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.cpu_kernels = kernels
