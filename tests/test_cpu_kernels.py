@@ -125,3 +125,24 @@ def test_decode_attention_matches_float64_over_gathered_blocks(kernels, heads, k
         weights = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double(), keys.repeat_interleave(per_head, 1)) * scale, dim=-1)
         reference = torch.einsum("hn,nhd->hd", weights, values.repeat_interleave(per_head, 1))
         torch.testing.assert_close(out[b].double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_store_matches_torch_rotary_and_cache_write(kernels):
+    from serving.models.llama import apply_rotary
+
+    tokens, heads, kv_heads, head_dim = 5, 6, 2, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    angles = torch.randn(tokens, head_dim // 2)
+    cos = torch.cat((angles, angles), -1).cos()
+    sin = torch.cat((-angles, angles), -1).sin()
+    slots = torch.tensor([7, 0, 3, 12, 5])
+    k_cache, v_cache = torch.zeros(4, 4, kv_heads, head_dim), torch.zeros(4, 4, kv_heads, head_dim)
+    q_k = apply_rotary(qkv[:, : (heads + kv_heads) * head_dim].reshape(tokens, -1, head_dim), cos[:, None], sin[:, None])
+    v = qkv[:, (heads + kv_heads) * head_dim :].reshape(tokens, kv_heads, head_dim).clone()
+    kernels.rope_store(qkv, heads, kv_heads, cos, sin, slots, k_cache, v_cache)
+    torch.testing.assert_close(qkv[:, : (heads + kv_heads) * head_dim].reshape(tokens, -1, head_dim), q_k)
+    torch.testing.assert_close(k_cache.view(-1, kv_heads, head_dim)[slots], q_k[:, heads:])
+    torch.testing.assert_close(v_cache.view(-1, kv_heads, head_dim)[slots], v)
+    untouched = torch.ones(16, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache.view(16, -1)[untouched].any() and not v_cache.view(16, -1)[untouched].any()

@@ -46,6 +46,13 @@ class AttentionMetadata:
             self.decode_mask = mask[:, None, None, :]
 
 
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor) -> None:
+    """Write the new tokens' k and v [T, KVH, D] into their cache slots."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, KVH, D]
@@ -56,10 +63,8 @@ def paged_attention(
     scale: float,
     kernels: CpuKernels | None = None,
 ) -> torch.Tensor:
-    """Attention output [T, H, D]; `kernels` (float32 CPU) run the decodes on the cache in place."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    """Attention output [T, H, D], the new k/v already in the cache (`store_kv`); `kernels` (float32
+    CPU) run the decodes on the cache in place."""
     if not meta.prefills:
         return _decode_attention(q, k_cache, v_cache, meta, scale, kernels)
     out = torch.empty_like(q)
@@ -91,7 +96,7 @@ def _decode_attention(
     kernels: CpuKernels | None,
 ) -> torch.Tensor:
     if kernels is not None:
-        return kernels.decode_attention(q.contiguous(), k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+        return kernels.decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
     keys = _gather(k_cache, meta.decode_block_tables)
     values = _gather(v_cache, meta.decode_block_tables)
     # the query heads sharing a KV head become that head's queries: no KV repeat, one kernel call

@@ -149,10 +149,10 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 }
 
 /* Attention of one new token per sequence over its keys in the paged cache, read in place.
- * q, out: [B][H][D]; k_cache, v_cache: [blocks][block_size][KVH][D]; block_tables: [B][max_blocks];
+ * q: [B] rows q_stride floats apart, each [H][D]; out: [B][H][D]; k_cache, v_cache: [blocks][block_size][KVH][D]; block_tables: [B][max_blocks];
  * context_lens[b] keys are attended to (the new token's own key is already in the cache).
  * The H / KVH query heads sharing a KV head are computed together, one task per (sequence, KV head). */
-void llm_decode_attention(const float *q, int64_t B, int64_t H, int64_t KVH, int64_t D, const float *k_cache,
+void llm_decode_attention(const float *q, int64_t q_stride, int64_t B, int64_t H, int64_t KVH, int64_t D, const float *k_cache,
                           const float *v_cache, int64_t block_size, const int64_t *block_tables, int64_t max_blocks,
                           const int64_t *context_lens, float scale, float *out, int threads) {
     int64_t group = H / KVH;
@@ -164,7 +164,7 @@ void llm_decode_attention(const float *q, int64_t B, int64_t H, int64_t KVH, int
             float *scores = malloc(sizeof(float) * n * group);
             for (int64_t t = 0; t < n; t++) {
                 const float *key = k_cache + ((table[t / block_size] * block_size + t % block_size) * KVH + g) * D;
-                for (int64_t j = 0; j < group; j++) scores[j * n + t] = dot(q + (b * H + g * group + j) * D, key, D) * scale;
+                for (int64_t j = 0; j < group; j++) scores[j * n + t] = dot(q + b * q_stride + (g * group + j) * D, key, D) * scale;
             }
             for (int64_t j = 0; j < group; j++) {
                 float *s = scores + j * n, top = s[0], total = 0.0f;
@@ -184,5 +184,26 @@ void llm_decode_attention(const float *q, int64_t B, int64_t H, int64_t KVH, int
             }
             free(scores);
         }
+    }
+}
+
+/* Rotary embedding of q and k in place, then k and v into the paged cache, for T new tokens.
+ * qkv: [T][(H + 2 KVH) D] (q heads, k heads, v heads); cos, sin: [T][D] for each token's position,
+ * sin's first half negated (rotate-half layout: x' = x cos + roll(x, D/2) sin); slots: [T] cache
+ * slots (block * block_size + offset) into k_cache, v_cache: [slots][KVH][D]. */
+void llm_rope_store(float *qkv, int64_t T, int64_t H, int64_t KVH, int64_t D, const float *cos, const float *sin,
+                    const int64_t *slots, float *k_cache, float *v_cache, int threads) {
+    int64_t width = (H + 2 * KVH) * D, half = D / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (T >= 16)
+    for (int64_t t = 0; t < T; t++) {
+        float *row = qkv + t * width, x[D];
+        const float *c = cos + t * D, *s = sin + t * D;
+        for (int64_t h = 0; h < H + KVH; h++) {
+            float *head = row + h * D;
+            memcpy(x, head, sizeof(float) * D);
+            for (int64_t i = 0; i < D; i++) head[i] = x[i] * c[i] + x[(i + half) % D] * s[i];
+        }
+        memcpy(k_cache + slots[t] * KVH * D, row + H * D, sizeof(float) * KVH * D);
+        memcpy(v_cache + slots[t] * KVH * D, row + (H + KVH) * D, sizeof(float) * KVH * D);
     }
 }

@@ -46,8 +46,11 @@ class CpuKernels:
         self._rms_norm.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, ctypes.c_float, _POINTER, ctypes.c_int]
         self._rms_norm.restype = None
         self._decode_attention = library.llm_decode_attention
-        self._decode_attention.argtypes = [_POINTER, *[_SIZE] * 4, _POINTER, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER, ctypes.c_float, _POINTER, ctypes.c_int]
+        self._decode_attention.argtypes = [_POINTER, *[_SIZE] * 5, _POINTER, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER, ctypes.c_float, _POINTER, ctypes.c_int]
         self._decode_attention.restype = None
+        self._rope_store = library.llm_rope_store
+        self._rope_store.argtypes = [_POINTER, *[_SIZE] * 4, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_int]
+        self._rope_store.restype = None
 
     def linear(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] @ W^T (+ bias [n]) (+ residual [M, n]) with W packed by `to_panels`."""
@@ -74,16 +77,31 @@ class CpuKernels:
     def decode_attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """One query token per sequence, q [B, H, D], over the first context_lens[b] keys of its blocks
-        (cache [blocks, block_size, KVH, D], block_tables [B, max_blocks] and context_lens [B] int64)."""
+        """One query token per sequence, q [B, H, D] (heads contiguous, rows may be strided), over the first
+        context_lens[b] keys of its blocks (cache [blocks, block_size, KVH, D], block_tables [B, max_blocks]
+        and context_lens [B] int64)."""
         b, heads, head_dim = q.shape
+        assert q.stride(1) == head_dim and q.stride(2) == 1
         _, block_size, kv_heads, _ = k_cache.shape
         out = torch.empty_like(q)
         self._decode_attention(
-            q.data_ptr(), b, heads, kv_heads, head_dim, k_cache.data_ptr(), v_cache.data_ptr(), block_size,
+            q.data_ptr(), q.stride(0), b, heads, kv_heads, head_dim, k_cache.data_ptr(), v_cache.data_ptr(), block_size,
             block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), scale, out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+
+    def rope_store(
+        self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> None:
+        """Rotate q and k of qkv [T, (H + 2 KVH) * D] in place by cos/sin [T, D] (sin's first half
+        negated), and write k and v into cache slots [T] (int64) of k_cache/v_cache [..., KVH, D]."""
+        t, width = qkv.shape
+        head_dim = width // (heads + 2 * kv_heads)
+        self._rope_store(
+            qkv.data_ptr(), t, heads, kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
 
 
 def _ptr(tensor: torch.Tensor | None) -> int | None:

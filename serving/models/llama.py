@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serving.models.arch import ModelArch
-from serving.models.attention import AttentionMetadata, paged_attention
+from serving.models.attention import AttentionMetadata, paged_attention, store_kv
 from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
 from serving.parallel.tensor import SINGLE, TensorParallel
 
@@ -109,7 +109,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
         self.o_proj = ResidualLinear(self.q_size, arch.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
-        self.cpu_kernels: CpuKernels | None = None  # set by cpu_layers.use_cpu_kernels: decodes then read the cache in place
+        self.cpu_kernels: CpuKernels | None = None  # set by cpu_layers.use_cpu_kernels
 
     def forward(
         self,
@@ -121,10 +121,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`residual` plus the attention output of the normalised hidden states `x`."""
         t = x.shape[0]
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # q and k at once
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        if self.cpu_kernels is not None:  # rotary and the cache write in one call, q/k/v left as views
+            self.cpu_kernels.rope_store(qkv, self.num_heads, self.num_kv_heads, *rope, meta.slot_mapping, *kv_cache)
+            q, k, v = (part.view(t, -1, self.head_dim) for part in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        else:
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # q and k at once
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = v.view(t, self.num_kv_heads, self.head_dim)
+            store_kv(k, v, kv_cache, meta.slot_mapping)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.cpu_kernels)
         return row_parallel(self.o_proj, out.reshape(t, self.q_size), residual, self.tp)
 
