@@ -35,7 +35,7 @@ class ModelConfig(_Strict):
 class EngineConfig(_Strict):
     """Paged KV cache and scheduler settings."""
 
-    block_size: int = Field(16, gt=0, description="Tokens per KV cache block.")
+    block_size: int = Field(16, gt=0, description="Tokens per KV cache block, a power of two.")
     kv_cache_memory_gb: float | None = Field(
         None, gt=0, description="KV cache budget in GiB; default: 2 GiB on CPU, 90% of free memory on CUDA."
     )
@@ -48,6 +48,8 @@ class EngineConfig(_Strict):
 
     @model_validator(mode="after")
     def _budget_holds_a_block(self) -> EngineConfig:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two (1, 2, 4, ... 16, 32 ...), not {self.block_size}")
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least block_size")
         return self

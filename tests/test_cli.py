@@ -57,6 +57,9 @@ def test_invalid_flag_values_exit_with_the_flag_named(capsys):
     with pytest.raises(SystemExit) as exit_info:
         config_from_args(parser.parse_args(["--port", "70000"]), parser)
     assert exit_info.value.code == 2 and "--port" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the CPU attention kernel finds a token's block with a shift
+        config_from_args(parser.parse_args(["--block-size", "12"]), parser)
+    assert exit_info.value.code == 2 and "block_size must be a power of two" in capsys.readouterr().err
 
 
 def test_generate_streams_what_the_engine_generates(tiny_model, capsys):

@@ -137,15 +137,61 @@ void llm_rms_norm(const float *x, int64_t M, int64_t K, const float *weight, flo
     }
 }
 
+static inline float hsum(__m256 v) {
+    __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+
+/* Four accumulators: a single FMA chain would wait on each FMA's latency. */
 static inline float dot(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float lanes[8], sum = 0.0f;
-    _mm256_storeu_ps(lanes, acc);
-    for (int j = 0; j < 8; j++) sum += lanes[j];
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
     for (; i < n; i++) sum += a[i] * b[i];
     return sum;
+}
+
+/* Key or value row of token t, KV head g, in a paged cache [blocks][block_size][KVH][D]. Block sizes
+ * are powers of two (checked in cpu_kernels.py), so the block and offset take a shift and a mask:
+ * 64-bit division would cost more than the row's dot product. */
+static inline const float *cache_row(const float *cache, const int64_t *table, int64_t t, int64_t block_size, int64_t KVH,
+                                     int64_t g, int64_t D) {
+    int shift = __builtin_ctzll((unsigned long long)block_size);
+    return cache + (((table[t >> shift] << shift) + (t & (block_size - 1))) * KVH + g) * D;
+}
+
+/* out[D] = sum over t < n of p[t] * value row t, 32 columns at a time in registers. */
+static void weighted_values(const float *p, int64_t n, const float *v_cache, const int64_t *table, int64_t block_size, int64_t KVH,
+                            int64_t g, int64_t D, float *out) {
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            const float *v = cache_row(v_cache, table, t, block_size, KVH, g, D) + d0;
+            __m256 weight = _mm256_set1_ps(p[t]);
+            a0 = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v), a0);
+            a1 = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + 16), a2);
+            a3 = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + 24), a3);
+        }
+        _mm256_storeu_ps(out + d0, a0);
+        _mm256_storeu_ps(out + d0 + 8, a1);
+        _mm256_storeu_ps(out + d0 + 16, a2);
+        _mm256_storeu_ps(out + d0 + 24, a3);
+    }
+    for (; d0 < D; d0++) {
+        float sum = 0.0f;
+        for (int64_t t = 0; t < n; t++) sum += p[t] * cache_row(v_cache, table, t, block_size, KVH, g, D)[d0];
+        out[d0] = sum;
+    }
 }
 
 /* Attention of one new token per sequence over its keys in the paged cache, read in place.
@@ -156,17 +202,18 @@ void llm_decode_attention(const float *q, int64_t q_stride, int64_t B, int64_t H
                           const float *v_cache, int64_t block_size, const int64_t *block_tables, int64_t max_blocks,
                           const int64_t *context_lens, float scale, float *out, int threads) {
     int64_t group = H / KVH;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t g = 0; g < KVH; g++) {
             int64_t n = context_lens[b];
             const int64_t *table = block_tables + b * max_blocks;
-            float *scores = malloc(sizeof(float) * n * group);
+            float stack_scores[4096], *scores = n * group <= 4096 ? stack_scores : malloc(sizeof(float) * n * group);
             for (int64_t t = 0; t < n; t++) {
-                const float *key = k_cache + ((table[t / block_size] * block_size + t % block_size) * KVH + g) * D;
+                const float *key = cache_row(k_cache, table, t, block_size, KVH, g, D);
+                if (t + 4 < n) __builtin_prefetch(cache_row(k_cache, table, t + 4, block_size, KVH, g, D));
                 for (int64_t j = 0; j < group; j++) scores[j * n + t] = dot(q + b * q_stride + (g * group + j) * D, key, D) * scale;
             }
-            for (int64_t j = 0; j < group; j++) {
+            for (int64_t j = 0; j < group; j++) {  /* softmax, normalised up front */
                 float *s = scores + j * n, top = s[0], total = 0.0f;
                 for (int64_t t = 1; t < n; t++) top = s[t] > top ? s[t] : top;
                 int64_t t = 0;
@@ -174,15 +221,11 @@ void llm_decode_attention(const float *q, int64_t q_stride, int64_t B, int64_t H
                     _mm256_storeu_ps(s + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(top))));
                 for (; t < n; t++) s[t] = expf(s[t] - top);
                 for (t = 0; t < n; t++) total += s[t];
-                float *o = out + (b * H + g * group + j) * D;
-                for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-                for (t = 0; t < n; t++) {
-                    const float *value = v_cache + ((table[t / block_size] * block_size + t % block_size) * KVH + g) * D;
-                    float p = s[t] / total;
-                    for (int64_t d = 0; d < D; d++) o[d] += p * value[d];
-                }
+                for (t = 0; t < n; t++) s[t] /= total;
             }
-            free(scores);
+            for (int64_t j = 0; j < group; j++)
+                weighted_values(scores + j * n, n, v_cache, table, block_size, KVH, g, D, out + (b * H + g * group + j) * D);
+            if (scores != stack_scores) free(scores);
         }
     }
 }
@@ -201,7 +244,8 @@ void llm_rope_store(float *qkv, int64_t T, int64_t H, int64_t KVH, int64_t D, co
         for (int64_t h = 0; h < H + KVH; h++) {
             float *head = row + h * D;
             memcpy(x, head, sizeof(float) * D);
-            for (int64_t i = 0; i < D; i++) head[i] = x[i] * c[i] + x[(i + half) % D] * s[i];
+            for (int64_t i = 0; i < half; i++) head[i] = x[i] * c[i] + x[i + half] * s[i];
+            for (int64_t i = half; i < D; i++) head[i] = x[i] * c[i] + x[i - half] * s[i];
         }
         memcpy(k_cache + slots[t] * KVH * D, row + H * D, sizeof(float) * KVH * D);
         memcpy(v_cache + slots[t] * KVH * D, row + (H + KVH) * D, sizeof(float) * KVH * D);
