@@ -3,7 +3,8 @@
 The flattened batch puts the decode tokens (one per sequence) first, then each prefill chunk.
 Decodes run as one batched SDPA call over keys gathered through their block tables, with a
 static shape (so the call can be captured in a CUDA graph); each prefill chunk runs its own
-causal SDPA call.
+causal SDPA call. On float32 CPU the decodes run on `cpu_kernels.c` instead, which reads the
+blocks in place.
 """
 from __future__ import annotations
 

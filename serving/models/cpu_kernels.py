@@ -66,7 +66,6 @@ class CpuKernels:
         self._gate_up(x.data_ptr(), m, k, panels.data_ptr(), width, out.data_ptr(), torch.get_num_threads())
         return out
 
-
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [M, K] / sqrt(mean(x^2) + eps) * weight [K]."""
         m, k = x.shape
@@ -89,7 +88,6 @@ class CpuKernels:
             block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), scale, out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return out
-
 
     def rope_store(
         self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
