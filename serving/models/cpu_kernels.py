@@ -29,28 +29,26 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+_POINTER, _SIZE, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+# argument types of each llm_* function in cpu_kernels.c, in order
+_SIGNATURES = {
+    "linear": [_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _POINTER, _POINTER, _POINTER, _INT],
+    "gate_up": [_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _POINTER, _INT],
+    "rms_norm": [_POINTER, _SIZE, _SIZE, _POINTER, _FLOAT, _POINTER, _INT],
+    "decode_attention": [_POINTER, *[_SIZE] * 5, _POINTER, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER, _FLOAT, _POINTER, _INT],
+    "rope_store": [_POINTER, *[_SIZE] * 4, *[_POINTER] * 5, _INT],
+}
 
 
 class CpuKernels:
     """Typed wrappers over the compiled library; every tensor is float32, contiguous, on the CPU."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._linear = library.llm_linear
-        self._linear.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _POINTER, _POINTER, _POINTER, ctypes.c_int]
-        self._linear.restype = None
-        self._gate_up = library.llm_gate_up
-        self._gate_up.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _POINTER, ctypes.c_int]
-        self._gate_up.restype = None
-        self._rms_norm = library.llm_rms_norm
-        self._rms_norm.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, ctypes.c_float, _POINTER, ctypes.c_int]
-        self._rms_norm.restype = None
-        self._decode_attention = library.llm_decode_attention
-        self._decode_attention.argtypes = [_POINTER, *[_SIZE] * 5, _POINTER, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER, ctypes.c_float, _POINTER, ctypes.c_int]
-        self._decode_attention.restype = None
-        self._rope_store = library.llm_rope_store
-        self._rope_store.argtypes = [_POINTER, *[_SIZE] * 4, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_int]
-        self._rope_store.restype = None
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(library, f"llm_{name}")
+            function.argtypes, function.restype = argtypes, None
+        self._linear, self._gate_up = library.llm_linear, library.llm_gate_up
+        self._rms_norm, self._decode_attention, self._rope_store = library.llm_rms_norm, library.llm_decode_attention, library.llm_rope_store
 
     def linear(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] @ W^T (+ bias [n]) (+ residual [M, n]) with W packed by `to_panels`."""
@@ -164,13 +162,13 @@ def _torch_openmp() -> list[str]:
 
 def _build() -> Path:
     """Compile into the cache unless this source, flag set and OpenMP runtime were compiled before."""
-    command = [_compiler(), *_FLAGS, "-o", "{output}", str(SOURCE), *_torch_openmp(), "-lm"]
+    command = [_compiler(), *_FLAGS, str(SOURCE), *_torch_openmp(), "-lm"]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            subprocess.run([part.replace("{output}", str(built)) for part in command], check=True, capture_output=True, text=True)
+            subprocess.run([*command, "-o", str(built)], check=True, capture_output=True, text=True)
             os.replace(built, target)  # atomic: concurrent builders (replicas, test workers) never see half a file
     return target
