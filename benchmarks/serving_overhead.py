@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from benchmarks.engine_bench import PROMPTS
 from benchmarks.ports import free_port
+from cluster.local import init_private_session
 from serving.config import LLMConfig
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.llm_engine import LLMEngine
@@ -147,7 +148,7 @@ def measure_round(engine: AsyncLLMEngine, config: LLMConfig, args: argparse.Name
     direct = asyncio.run(measure_direct(engine, args))
     # a new port each round: the last round's proxy may not have let go of its port yet
     config = config.model_copy(update={"server": config.server.model_copy(update={"port": free_port()})})
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_private_session()
     try:
         served = asyncio.run(measure_served(deploy(config), args))
     finally:

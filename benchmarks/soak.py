@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from cluster.local import init_private_session
     from serving.config import LLMConfig
     from serving.server.deployments import deploy
 
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     config = LLMConfig.model_validate(
         {"model": {"source": args.model, "max_model_len": 1024}, "engine": {"kv_cache_memory_gb": 0.25}, "server": server}
     )
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_private_session()
     try:
         url = deploy(config, timeout_s=300)
         model = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]

@@ -47,6 +47,27 @@ class LocalCluster:
             return False
 
 
+def serve_ingress_env() -> dict[str, str]:
+    """Environment for a Ray node whose Serve HTTP ingress (HAProxy, serving/server/deployments.py) must not
+    collide with another Serve instance on this machine: free ports instead of Ray's fixed ones (HAProxy's
+    metrics on 9101 and stats page on 8404, both bound to every interface, and the fallback proxy on 8500 and
+    9500). Its files need nothing: Ray keeps them in a folder per node."""
+    ports = ["RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"]
+    return {name: str(_free_port()) for name in ports}
+
+
+def init_private_session(num_cpus: int | None = None) -> None:
+    """Start a Ray session of this process's own on this machine (no dashboard, workers' output not echoed) and
+    connect to it, its Serve ingress kept apart from any other Serve instance here (serve_ingress_env)."""
+    saved = dict(os.environ)
+    os.environ.update(serve_ingress_env())  # read by the raylet ray.init starts, and so by all its workers
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def find(state_dir: Path) -> LocalCluster | None:
     """The running local cluster recorded in `state_dir`, if any."""
     path = state_dir / STATE_FILE
@@ -82,7 +103,7 @@ def start(state_dir: Path, port: int | None = None, dashboard_port: int | None =
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=os.environ | _HEAD_ENV,
+            start_new_session=True, env=os.environ | _HEAD_ENV | serve_ingress_env(),
         )  # fmt: skip
     cluster = LocalCluster(f"{_HOST}:{port}", process.pid, f"http://{_HOST}:{dashboard_port}", str(log_path))
     deadline = time.monotonic() + timeout_s
@@ -126,6 +147,12 @@ def stop(state_dir: Path, timeout_s: float = 60.0) -> bool:
         os.killpg(cluster.pid, signal.SIGKILL)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _port_in_use(port: int) -> bool:

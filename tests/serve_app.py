@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import ray
 from ray import serve
 
+from cluster.local import init_private_session
 from serving.config import LLMConfig
 from serving.server.deployments import deploy
 
@@ -16,7 +17,7 @@ from serving.server.deployments import deploy
 @contextmanager
 def served(config: LLMConfig, num_cpus: int | None = None) -> Iterator[str]:
     """A Ray session of this process's own with `config` deployed on it; yields the API's URL."""
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    init_private_session(num_cpus)
     try:
         yield deploy(config, timeout_s=180)
     finally:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 from faults import COMPLETE, ERROR, InFlight, Outcome, complete, stream
 from ports import free_port
@@ -119,14 +120,17 @@ def test_killing_the_llm_replica_fails_its_requests_and_serve_restarts_it(server
     _recovered(server, replica)
 
 
-def test_killing_the_serve_proxy_drops_connections_visibly_and_it_comes_back(server):
-    replica, [proxy] = actor_pids("LLMDeployment"), actor_pids("ProxyActor")
-    # Streams only: a non-streaming request whose proxy died is not cancelled at the API replica, so it holds
-    # its LLM slot until it has generated all its tokens (the client has its connection error already).
-    outcomes = _under_fault(server, lambda: os.kill(proxy, signal.SIGKILL), non_streaming=False)
+def _haproxy_pids() -> list[int]:
+    """The HAProxy processes Serve's proxy managers run (Serve's HTTP ingress here, serving/server/deployments.py)."""
+    return sorted(p.pid for p in psutil.Process().children(recursive=True) if p.name() == "haproxy")
+
+
+def test_killing_the_http_proxy_drops_connections_visibly_and_it_comes_back(server):
+    replica, [proxy] = actor_pids("LLMDeployment"), _haproxy_pids()
+    outcomes = _under_fault(server, lambda: os.kill(proxy, signal.SIGKILL))
     assert any(o.kind == ERROR for o in outcomes), [(o.kind, o.detail) for o in outcomes]
     deadline = time.monotonic() + 120
-    while actor_pids("ProxyActor") in ([], [proxy]) and time.monotonic() < deadline:
+    while _haproxy_pids() in ([], [proxy]) and time.monotonic() < deadline:
         time.sleep(0.5)
     outcome = Outcome()
     while time.monotonic() < deadline and outcome.kind != COMPLETE:
@@ -134,7 +138,7 @@ def test_killing_the_serve_proxy_drops_connections_visibly_and_it_comes_back(ser
         time.sleep(0.5)
     assert outcome.kind == COMPLETE, outcome.detail
     assert actor_pids("LLMDeployment") == replica  # the replica was not touched
-    idle = wait_until_idle(server)  # the dropped streams were aborted: their KV blocks are free again
+    idle = wait_until_idle(server)  # the dropped requests were aborted: their KV blocks are free again
     assert idle["requests_running"] == 0 and idle["kv_cache_usage_ratio"] == 0, idle
 
 

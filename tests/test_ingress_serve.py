@@ -186,9 +186,10 @@ def test_overload_refuses_the_excess_quickly_and_completes_the_rest(server):
         answers = _burst(server, size)
         statuses = [status for status, *_ in answers]
         assert set(statuses) <= {200, 503}, statuses
-        # at least the slots' worth served, and a good part refused: Serve let up to 7 of 12 through 4 slots
-        # in CI runs (how many depends on how the arrivals interleave with its queue accounting)
-        assert statuses.count(200) >= MAX_ONGOING + MAX_QUEUED and statuses.count(503) >= size // 3, statuses
+        # at least the replica's slots served, and a good part refused. How many of the queue's slots a burst
+        # gets depends on how its arrivals interleave with Serve's accounting: a request counts as queued until
+        # it is handed to a replica, so requests arriving together can find the queue full (2 to 7 of 12 seen)
+        assert statuses.count(200) >= MAX_ONGOING and statuses.count(503) >= size // 3, statuses
         for status, retry_after, seconds, body in answers:
             if status == 503:
                 assert retry_after == "1" and body["error"]["code"] == "overloaded" and seconds < 2.0

@@ -1,6 +1,7 @@
 """The server section of the config, the Serve application built from it, and the example Serve config file."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
+from cluster.local import serve_ingress_env
 from serving.config import LLMConfig, ServerConfig
 from serving.server.autoscaling import LLMAutoscalingPolicy
 from serving.server.deployments import SERVE_CONTROLLER_ENV, _llm_options, build_app
@@ -63,3 +65,20 @@ def test_example_serve_config_is_valid_for_serve_and_for_us():
     assert LLMConfig.model_validate(app.args).model.max_model_len == 2048
     assert document["controller_options"]["runtime_env"]["env_vars"] == SERVE_CONTROLLER_ENV
     assert build_app(app.args) is not None
+
+
+def test_the_settings_we_give_serve_are_ones_it_reads():
+    """Serve reads its settings from environment variables and ignores unknown ones: a renamed one would go unnoticed."""
+    import ray.serve._private.constants as serve_constants
+
+    read = Path(serve_constants.__file__).read_text()
+    for name in SERVE_CONTROLLER_ENV | serve_ingress_env():
+        assert f'"{name}"' in read, name
+
+
+def test_each_local_serve_ingress_gets_ports_of_its_own():
+    ports = [int(port) for port in serve_ingress_env().values()]
+    assert len(set(ports)) == 4 and not {9101, 8404, 8500, 9500} & set(ports)  # not Ray's fixed defaults
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("", port))  # free when handed out
