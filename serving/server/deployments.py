@@ -36,10 +36,9 @@ from serving.server.replica_resources import replica_actor_options
 # Environment of the Serve controller, inherited by the proxies and replicas it starts.
 SERVE_CONTROLLER_ENV = {
     # Ray Serve's high-throughput ingress: HAProxy (a C load balancer, shipped with ray[serve] on Linux) takes the
-    # Python proxy actor's place and forwards HTTP straight to the API replicas' own HTTP servers, and replicas call
-    # each other over gRPC. A streamed token then crosses one Ray hop (LLM to API replica) instead of two and no
-    # Python proxy: at 32 streams on 2 cores, proxy plus API replica took 1.6-1.9 ms of CPU per token, now under
-    # 0.3 ms (with the gRPC handle calls of ServeLLMClient; benchmarks/README.md, serving overhead).
+    # Python proxy actor's place and forwards HTTP straight to the API replicas' own HTTP servers. A streamed token
+    # then crosses one Ray hop (LLM to API replica) instead of two, and no Python proxy: at 32 streams on 2 cores,
+    # proxy plus API replica took 1.6-1.9 ms of CPU per token, now 0.6 ms (benchmarks/README.md, serving overhead).
     # THROUGHPUT_OPTIMIZED also runs user code and the router in the replica's own event loop (our replicas never
     # block it: engine steps run in a thread), buffers access logs and freezes the start-up objects out of the GC.
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -88,10 +87,11 @@ class ServeLLMClient:
     """The LLM deployment as the API's backend: streaming handle calls, with Ray's errors unwrapped."""
 
     def __init__(self, handle: DeploymentHandle, retry_after_s: int) -> None:
-        # Over the replicas' gRPC servers rather than as Ray actor calls with an object per streamed delta: the API
-        # replica's CPU per streamed token fell from 0.6 to 0.25 ms. Serve takes that default from the environment
-        # of the process that made the handle (RAY_SERVE_THROUGHPUT_OPTIMIZED), and this one comes from the driver.
-        self._handle = handle.options(_by_reference=False)
+        # Ray actor calls, not Serve's gRPC transport between replicas (its default where RAY_SERVE_THROUGHPUT_OPTIMIZED
+        # is set, as in the processes the controller starts): gRPC cut the API replica's CPU per streamed token from
+        # 0.6 to 0.25 ms, but after clients had disconnected mid-stream the LLM replica took more requests than
+        # max_ongoing_requests allows (tests/test_server_api.py, 2 runs of 3).
+        self._handle = handle.options(_by_reference=True)
         self._streaming = self._handle.options(stream=True)
         self._retry_after_s = retry_after_s
         self._info: ModelInfo | None = None
