@@ -145,8 +145,20 @@ def stop(state_dir: Path, timeout_s: float = 60.0) -> bool:
         time.sleep(0.2)
     if cluster.is_alive():
         os.killpg(cluster.pid, signal.SIGKILL)
+    kill_session_leftovers(cluster.pid)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     return True
+
+
+def kill_session_leftovers(session_id: int) -> None:
+    """Kill what is left of a session once its Ray head is gone. Serve stops HAProxy only when Serve itself is shut
+    down; a cluster stopped under a running application leaves it behind, holding its ports."""
+    for process in psutil.process_iter():
+        try:
+            if process.pid and os.getsid(process.pid) == session_id:
+                process.kill()
+        except (OSError, psutil.Error):  # gone meanwhile
+            continue
 
 
 def _free_port() -> int:

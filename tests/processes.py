@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 
+from cluster.local import kill_session_leftovers
+
 
 def stop_session(process: subprocess.Popen, grace_s: float = 60) -> None:
     """SIGTERM the process's session (`ray start --block` takes its Ray processes down with it),
@@ -16,3 +18,4 @@ def stop_session(process: subprocess.Popen, grace_s: float = 60) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    kill_session_leftovers(process.pid)
