@@ -10,9 +10,11 @@
    called over HTTP with the same prompts (aiohttp, a lean client on the same cores): median time to
    first streamed token at concurrency 1, and output throughput at concurrency 32, streaming and not.
 
-Each of --rounds rounds measures 1 with no Ray running, then starts a local cluster for 2 and stops
-it again. This machine's speed drifts by a third from minute to minute, so a ratio of two numbers
-taken minutes apart says little: the result is the median over the rounds of each round's own
+Each of --rounds rounds measures 1 with no Ray running, starts a local cluster for 2, stops it and
+measures 1 again; the direct figures of a round are the means of its two. This machine's speed
+drifts by a third from minute to minute, so a ratio of two numbers taken minutes apart says little:
+the baseline brackets the served measurements in time, the served streamed and non-streamed runs
+swap order every round, and the result is the median over the rounds of each round's own
 difference (TTFT) and ratio (throughput).
 
 Greedy decoding with ignore_eos, so every request makes exactly --output-len tokens. Prints the
@@ -130,7 +132,7 @@ async def measure_direct(engine: AsyncLLMEngine, args: argparse.Namespace) -> di
     return {"ttft_ms": ttft * 1000, "throughput_tok_s": throughput, "async_throughput_tok_s": concurrent}
 
 
-async def measure_served(url: str, args: argparse.Namespace) -> dict[str, float]:
+async def measure_served(url: str, args: argparse.Namespace, stream_first: bool) -> dict[str, float]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         async with session.get(f"{url}/v1/models") as response:
             model = (await response.json())["data"][0]["id"]
@@ -138,23 +140,26 @@ async def measure_served(url: str, args: argparse.Namespace) -> dict[str, float]
         ttft = statistics.median(await served_ttft(session, url, model, prompts(args.requests)))
         await served_throughput(session, url, model, prompts(4), 4, stream=True)  # warm-up
         texts = prompts(args.concurrency)
-        streaming = await served_throughput(session, url, model, texts, args.output_len, stream=True)
-        whole = await served_throughput(session, url, model, texts, args.output_len, stream=False)
-    return {"ttft_ms": ttft * 1000, "throughput_stream_tok_s": streaming, "throughput_tok_s": whole}
+        throughput = {}
+        for stream in (True, False) if stream_first else (False, True):
+            throughput[stream] = await served_throughput(session, url, model, texts, args.output_len, stream=stream)
+    return {"ttft_ms": ttft * 1000, "throughput_stream_tok_s": throughput[True], "throughput_tok_s": throughput[False]}
 
 
-def measure_round(engine: AsyncLLMEngine, config: LLMConfig, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """The direct measurements with no Ray running, then the served ones on a fresh local cluster."""
-    direct = asyncio.run(measure_direct(engine, args))
+def measure_round(engine: AsyncLLMEngine, config: LLMConfig, args: argparse.Namespace, stream_first: bool) -> dict[str, dict[str, float]]:
+    """The direct measurements with no Ray running, the served ones on a fresh local cluster, the direct ones again."""
+    before = asyncio.run(measure_direct(engine, args))
     # a new port each round: the last round's proxy may not have let go of its port yet
     config = config.model_copy(update={"server": config.server.model_copy(update={"port": free_port()})})
     init_private_session()
     try:
-        served = asyncio.run(measure_served(deploy(config), args))
+        served = asyncio.run(measure_served(deploy(config), args, stream_first))
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"direct": direct, "served": served}
+    after = asyncio.run(measure_direct(engine, args))
+    direct = {key: (before[key] + after[key]) / 2 for key in before}
+    return {"direct": direct, "served": served, "direct_before": before, "direct_after": after}
 
 
 def summarize(rounds: list[dict[str, dict[str, float]]]) -> dict[str, float]:
@@ -190,8 +195,8 @@ def main() -> None:
     )
     engine = AsyncLLMEngine(config)  # the direct engine: idle, and so free, while the served rounds run
     rounds = []
-    for _ in tqdm(range(args.rounds), desc="Rounds (direct, then served)"):
-        rounds.append(measure_round(engine, config, args))
+    for i in tqdm(range(args.rounds), desc="Rounds (direct, served, direct)"):
+        rounds.append(measure_round(engine, config, args, stream_first=i % 2 == 0))
         tqdm.write(json.dumps({side: {k: round(v, 1) for k, v in values.items()} for side, values in rounds[-1].items()}))
     result = summarize(rounds) | {"rounds": rounds, "settings": vars(args) | {"out": str(args.out)}}
     served = [r["served"] for r in rounds]
