@@ -242,7 +242,8 @@ def test_async_engine_rejects_bad_requests_and_keeps_serving(tiny_model):
     engine = AsyncLLMEngine(LLMConfig(model=ModelConfig(source=str(tiny_model)), engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.02)))
 
     async def scenario():
-        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        # long enough to be still running when the second arrives: the tiny model makes 40 tokens in under 50 ms
+        params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
         running = asyncio.create_task(_collect(engine.generate("first", params, request_id="same-id")))
         await asyncio.sleep(0.05)
         with pytest.raises(InvalidRequestError, match="already in use"):
@@ -250,7 +251,7 @@ def test_async_engine_rejects_bad_requests_and_keeps_serving(tiny_model):
         with pytest.raises(ContextLengthError):
             await _collect(engine.generate("x " * 600, params))
         first = await running
-        assert first.finished and len(first.outputs[0].token_ids) == 40
+        assert first.finished and len(first.outputs[0].token_ids) == 400
 
     asyncio.run(scenario())
 
