@@ -17,6 +17,13 @@ the baseline brackets the served measurements in time, the served streamed and n
 swap order every round, and the result is the median over the rounds of each round's own
 difference (TTFT) and ratio (throughput).
 
+Those ratios hold two costs: the request path (HTTP, the API replica, Ray calls) and Ray's own
+processes, which wake up several times a second even when idle. To tell them apart, the offline
+run is also made on the running cluster, right before and after each served throughput run: the
+served throughput over the mean of those two (seconds apart rather than minutes) is the cost of the
+request path alone, and offline on the idle cluster over offline with no Ray is the cost of Ray's
+background.
+
 Greedy decoding with ignore_eos, so every request makes exactly --output-len tokens. Prints the
 ratios and writes a JSON file (--out).
 """
@@ -132,18 +139,29 @@ async def measure_direct(engine: AsyncLLMEngine, args: argparse.Namespace) -> di
     return {"ttft_ms": ttft * 1000, "throughput_tok_s": throughput, "async_throughput_tok_s": concurrent}
 
 
-async def measure_served(url: str, args: argparse.Namespace, stream_first: bool) -> dict[str, float]:
+async def measure_served(engine: AsyncLLMEngine, url: str, args: argparse.Namespace, stream_first: bool) -> dict[str, float]:
+    """TTFT and throughput through HTTP, and the offline throughput on the idle cluster before, between and after."""
+    texts = prompts(args.concurrency)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         async with session.get(f"{url}/v1/models") as response:
             model = (await response.json())["data"][0]["id"]
         await served_ttft(session, url, model, prompts(4))  # warm-up
         ttft = statistics.median(await served_ttft(session, url, model, prompts(args.requests)))
         await served_throughput(session, url, model, prompts(4), 4, stream=True)  # warm-up
-        texts = prompts(args.concurrency)
-        throughput = {}
+        throughput, offline = {}, [offline_throughput(engine, texts, args.output_len)]
         for stream in (True, False) if stream_first else (False, True):
             throughput[stream] = await served_throughput(session, url, model, texts, args.output_len, stream=stream)
-    return {"ttft_ms": ttft * 1000, "throughput_stream_tok_s": throughput[True], "throughput_tok_s": throughput[False]}
+            offline.append(offline_throughput(engine, texts, args.output_len))
+    # the offline runs next to each served one, in the order they ran
+    next_to = {stream_first: offline[0:2], not stream_first: offline[1:3]}
+    return {
+        "ttft_ms": ttft * 1000,
+        "throughput_stream_tok_s": throughput[True],
+        "throughput_tok_s": throughput[False],
+        "offline_next_to_stream_tok_s": statistics.mean(next_to[True]),
+        "offline_next_to_tok_s": statistics.mean(next_to[False]),
+        "offline_ray_idle_tok_s": statistics.mean(offline),
+    }
 
 
 def measure_round(engine: AsyncLLMEngine, config: LLMConfig, args: argparse.Namespace, stream_first: bool) -> dict[str, dict[str, float]]:
@@ -153,7 +171,7 @@ def measure_round(engine: AsyncLLMEngine, config: LLMConfig, args: argparse.Name
     config = config.model_copy(update={"server": config.server.model_copy(update={"port": free_port()})})
     init_private_session()
     try:
-        served = asyncio.run(measure_served(deploy(config), args, stream_first))
+        served = asyncio.run(measure_served(engine, deploy(config), args, stream_first))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -173,6 +191,11 @@ def summarize(rounds: list[dict[str, dict[str, float]]]) -> dict[str, float]:
         "throughput_ratio": median(lambda d, s: s["throughput_tok_s"] / d["throughput_tok_s"]),
         "throughput_ratio_streaming": median(lambda d, s: s["throughput_stream_tok_s"] / d["throughput_tok_s"]),
         "async_throughput_ratio": median(lambda d, s: d["async_throughput_tok_s"] / d["throughput_tok_s"]),
+        # the request path alone: against the offline runs on the same (idle) cluster, seconds apart
+        "request_path_ratio": median(lambda d, s: s["throughput_tok_s"] / s["offline_next_to_tok_s"]),
+        "request_path_ratio_streaming": median(lambda d, s: s["throughput_stream_tok_s"] / s["offline_next_to_stream_tok_s"]),
+        # Ray's background: offline on the idle cluster against offline with no Ray
+        "ray_idle_ratio": median(lambda d, s: s["offline_ray_idle_tok_s"] / d["throughput_tok_s"]),
     }
 
 
@@ -193,7 +216,7 @@ def main() -> None:
             "engine": {"kv_cache_memory_gb": args.kv_cache_memory_gb, "max_num_seqs": args.concurrency},
         }
     )
-    engine = AsyncLLMEngine(config)  # the direct engine: idle, and so free, while the served rounds run
+    engine = AsyncLLMEngine(config)  # the direct engine: idle while the served requests run
     rounds = []
     for i in tqdm(range(args.rounds), desc="Rounds (direct, served, direct)"):
         rounds.append(measure_round(engine, config, args, stream_first=i % 2 == 0))
@@ -208,7 +231,10 @@ def main() -> None:
         f"{result['throughput_ratio']:.0%} of offline {_median(direct, 'throughput_tok_s'):.0f} tok/s; "
         f"streamed {_median(served, 'throughput_stream_tok_s'):.0f} tok/s, {result['throughput_ratio_streaming']:.0%}; "
         f"AsyncLLMEngine alone, in process: {_median(direct, 'async_throughput_tok_s'):.0f} tok/s, {result['async_throughput_ratio']:.0%} "
-        f"(medians of {args.rounds} rounds' ratios)"
+        f"(medians of {args.rounds} rounds' ratios)\n"
+        f"Of which the request path alone (against offline on the idle cluster, run next to it): {result['request_path_ratio']:.0%}, "
+        f"streamed {result['request_path_ratio_streaming']:.0%}; Ray's background (offline on the idle cluster against no Ray): "
+        f"{result['ray_idle_ratio']:.0%}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
