@@ -8,8 +8,10 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import ray
 import requests
 from openai import OpenAI
 from ports import free_port
@@ -319,3 +321,15 @@ def test_health_and_metrics(server, client):
     for name in ("requests_running", "requests_waiting", "kv_cache_usage_ratio", "replica_healthy"):
         [sample] = families[f"llmcluster_{name}"].samples
         assert sample.labels["model"] == MODEL and sample.labels["replica"]
+
+
+def test_replica_logs_reach_their_files_as_requests_are_answered(server):
+    """An operator reading a replica's log sees each request's access line within seconds, not once Serve has
+    buffered a thousand of them (RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE in SERVE_CONTROLLER_ENV)."""
+    response = requests.get(f"{server}/v1/models", timeout=30)
+    line = f"{response.headers['x-request-id']} -- GET /v1/models 200"
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 10
+    while not any(line in path.read_text() for path in logs.glob("replica_*_APIIngress_*.log")):
+        assert time.monotonic() < deadline, f"no {line!r} in {sorted(p.name for p in logs.iterdir())}"
+        time.sleep(0.2)

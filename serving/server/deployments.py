@@ -40,9 +40,12 @@ SERVE_CONTROLLER_ENV = {
     # then crosses one Ray hop (LLM to API replica) instead of two, and no Python proxy: at 32 streams on 2 cores,
     # proxy plus API replica took 1.6-1.9 ms of CPU per token, now 0.6 ms (benchmarks/README.md, serving overhead).
     # THROUGHPUT_OPTIMIZED also runs user code and the router in the replica's own event loop (our replicas never
-    # block it: engine steps run in a thread), buffers access logs and freezes the start-up objects out of the GC.
+    # block it: engine steps run in a thread), buffers the replicas' Serve logs and freezes start-up objects out of the GC.
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # ...but not its buffering of the replicas' Serve logs: access and warning lines reached a replica's log file
+    # only once 1,000 had gathered (or with an ERROR), and never from a replica that was killed. One write per request.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     # An API replica being removed keeps answering this long while every HAProxy drops it from its backends (they
     # reload within a second of the controller's word); Serve's default, 30 s, made every shutdown take 30 s.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
