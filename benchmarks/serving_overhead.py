@@ -18,7 +18,7 @@ swap order every round, and the result is the median over the rounds of each rou
 difference (TTFT) and ratio (throughput).
 
 Those ratios hold two costs: the request path (HTTP, the API replica, Ray calls) and Ray's own
-processes, which wake up several times a second even when idle. To tell them apart, the offline
+processes, which wake up hundreds of times a second even when idle. To tell them apart, the offline
 run is also made on the running cluster, right before and after each served throughput run: the
 served throughput over the mean of those two (seconds apart rather than minutes) is the cost of the
 request path alone, and offline on the idle cluster over offline with no Ray is the cost of Ray's
@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="sequential requests for the TTFT median")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3, help="direct/served rounds; the median of their differences and ratios is reported")
+    parser.add_argument("--rounds", type=int, default=5, help="direct/served rounds; the median of their differences and ratios is reported")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--kv-cache-memory-gb", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_overhead.json"))
