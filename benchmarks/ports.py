@@ -1,11 +1,9 @@
 """Ports for the servers and clusters the benchmarks start on this machine."""
 from __future__ import annotations
 
-import socket
+from cluster.local import free_ports
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that nothing listens on right now."""
+    return free_ports(1)[0]

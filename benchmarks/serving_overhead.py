@@ -148,18 +148,19 @@ async def measure_served(engine: AsyncLLMEngine, url: str, args: argparse.Namesp
         await served_ttft(session, url, model, prompts(4))  # warm-up
         ttft = statistics.median(await served_ttft(session, url, model, prompts(args.requests)))
         await served_throughput(session, url, model, prompts(4), 4, stream=True)  # warm-up
+        order = (True, False) if stream_first else (False, True)
         throughput, offline = {}, [offline_throughput(engine, texts, args.output_len)]
-        for stream in (True, False) if stream_first else (False, True):
+        for stream in order:
             throughput[stream] = await served_throughput(session, url, model, texts, args.output_len, stream=stream)
             offline.append(offline_throughput(engine, texts, args.output_len))
-    # the offline runs next to each served one, in the order they ran
-    next_to = {stream_first: offline[0:2], not stream_first: offline[1:3]}
+    # each served run's neighbours: the offline runs just before and just after it
+    next_to = {stream: statistics.mean(offline[i : i + 2]) for i, stream in enumerate(order)}
     return {
         "ttft_ms": ttft * 1000,
         "throughput_stream_tok_s": throughput[True],
         "throughput_tok_s": throughput[False],
-        "offline_next_to_stream_tok_s": statistics.mean(next_to[True]),
-        "offline_next_to_tok_s": statistics.mean(next_to[False]),
+        "offline_next_to_stream_tok_s": next_to[True],
+        "offline_next_to_tok_s": next_to[False],
         "offline_ray_idle_tok_s": statistics.mean(offline),
     }
 

@@ -52,8 +52,8 @@ def serve_ingress_env() -> dict[str, str]:
     collide with another Serve instance on this machine: free ports instead of Ray's fixed ones (HAProxy's
     metrics on 9101 and stats page on 8404, both bound to every interface, and the fallback proxy on 8500 and
     9500). Its files need nothing: Ray keeps them in a folder per node."""
-    ports = ["RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"]
-    return {name: str(_free_port()) for name in ports}
+    names = ["RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"]
+    return {name: str(port) for name, port in zip(names, free_ports(len(names)))}
 
 
 def init_private_session(num_cpus: int | None = None) -> None:
@@ -161,10 +161,16 @@ def kill_session_leftovers(session_id: int) -> None:
             continue
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports that were free on every interface a moment ago (all held at once while choosing)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _port_in_use(port: int) -> bool:

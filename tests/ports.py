@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import socket
 
+from cluster.local import free_ports
+
 HOST = "127.0.0.1"
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports that were free a moment ago (all held at once while choosing)."""
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind((HOST, 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def free_port() -> int:
