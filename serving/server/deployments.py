@@ -94,7 +94,7 @@ class ServeLLMClient:
         # is set, as in the processes the controller starts): gRPC cut the API replica's CPU per streamed token from
         # 0.6 to 0.25 ms, but with it tests/test_server_api.py failed 2 runs of 3: a burst of 18 all admitted at
         # 8 running + 4 queued, and streams still running after their clients had closed (cause not found; the
-        # burst was later seen once with actor calls too, in a full run of the suite; 5 runs of its module passed).
+        # burst was later seen once with actor calls too, in a full run of the suite; 3 runs of the test and 2 of its module after it passed).
         self._handle = handle.options(_by_reference=True)
         self._streaming = self._handle.options(stream=True)
         self._retry_after_s = retry_after_s
