@@ -1,1 +1,2 @@
-"""Ray cluster plumbing that is not serving: starting, finding and stopping a local cluster."""
+"""The machines around the engine: local Ray clusters, placement of workers on nodes, Kubernetes tooling,
+and the HAProxy (Serve's HTTP ingress) each node runs."""

@@ -23,6 +23,8 @@ import ray
 from ray._private.authentication.authentication_token_setup import _enable_token_auth
 from ray._private.ray_constants import DEFAULT_DASHBOARD_PORT, DEFAULT_PORT
 
+from cluster.haproxy import haproxy_env
+
 STATE_FILE = "local-cluster.json"
 LOG_FILE = "local-cluster.log"
 _HOST = "127.0.0.1"
@@ -51,9 +53,10 @@ def serve_ingress_env() -> dict[str, str]:
     """Environment for a Ray node whose Serve HTTP ingress (HAProxy, serving/server/deployments.py) must not
     collide with another Serve instance on this machine: free ports instead of Ray's fixed ones (HAProxy's
     metrics on 9101 and stats page on 8404, both bound to every interface, and the fallback proxy on 8500 and
-    9500). Its files need nothing: Ray keeps them in a folder per node."""
+    9500). Its files need nothing: Ray keeps them in a folder per node. HAProxy runs without splicing
+    (cluster/haproxy.py)."""
     names = ["RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"]
-    return {name: str(port) for name, port in zip(names, free_ports(len(names)))}
+    return {name: str(port) for name, port in zip(names, free_ports(len(names)))} | haproxy_env()
 
 
 def init_private_session(num_cpus: int | None = None) -> None:
