@@ -5,7 +5,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,8 +28,6 @@ from serving.server.rate_limit import RateLimiter
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 10.0  # how long /health waits for an LLM replica to answer
-DISCONNECT_POLL_S = 0.5  # how often a request waiting for its answer checks that its client is still there
-T = TypeVar("T")
 
 
 def create_app(
@@ -55,11 +53,11 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http: Request) -> Response:
-        return _respond(await _unless_disconnected(http, serving.completions(request, getattr(http.state, SCOPE_KEY, None))))
+        return _respond(await serving.completions(request, getattr(http.state, SCOPE_KEY, None)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, http: Request) -> Response:
-        return _respond(await _unless_disconnected(http, serving.chat(request, getattr(http.state, SCOPE_KEY, None))))
+        return _respond(await serving.chat(request, getattr(http.state, SCOPE_KEY, None)))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -76,21 +74,6 @@ def create_app(
         return Response(render(families), media_type=CONTENT_TYPE)
 
     return app
-
-
-async def _unless_disconnected(http: Request, call: Awaitable[T]) -> T:
-    """`call`'s result, or `call` cancelled (and so its engine requests aborted) once the client has gone.
-    Serve's own watch behind HAProxy missed about half of the non-streaming clients that gave up."""
-    task = asyncio.ensure_future(call)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await http.is_disconnected():
-                raise asyncio.CancelledError
-    finally:
-        task.cancel()
 
 
 def _respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:
