@@ -10,6 +10,7 @@ import tomllib
 import dockerfile
 import yaml
 
+from cluster.haproxy import BINARY_ENV, COMMAND
 from tests.chart import CHART, ROOT
 
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -50,3 +51,11 @@ def test_runs_as_the_chart_user_and_is_the_chart_default():
     assert values["image"]["repository"] == "llm-cluster" and not values["image"]["tag"]  # tag: the appVersion
     assert chart["appVersion"] == project["project"]["version"]
     assert re.search(r"docker build -f docker/Dockerfile -t \S+/llm-cluster:" + re.escape(chart["appVersion"]), DOCKERFILE.read_text())
+
+
+def test_every_node_runs_serves_haproxy_through_the_no_splice_command():
+    env = dict(pair for value in instructions("ENV") for pair in zip(value[::2], value[1::2]))
+    binary = env[BINARY_ENV]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"][COMMAND] == "cluster.haproxy:main" and binary == f"/usr/local/bin/{COMMAND}"
+    assert any(f"test -x {binary}" in value[0] for value in instructions("RUN"))  # where pip put it in this image
