@@ -1,7 +1,8 @@
 """A Ray cluster over three hosts, each a network namespace with its own IP address: a head without
 CPUs for work and two worker hosts. `llmcluster serve --address` deploys the default model with two
 pipeline stages onto it; the stages must land on the two worker hosts and answer over HTTP.
-Token authentication is on, as on a real shared cluster.
+Token authentication is on, as on a real shared cluster, and the nodes are started as the README says
+(Serve's HAProxy through llmcluster-haproxy).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import netns
+import psutil
 import pytest
 import requests
 
@@ -44,6 +46,7 @@ def _wait_for_nodes(head: netns.Host, env: dict[str, str], count: int, timeout_s
 
 def test_pipeline_stages_on_separate_hosts_serve_through_the_cli(default_model, tmp_path):
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(BIN / "llmcluster-haproxy")
     ray_start = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats"]
     with netns.hosts(["head", "worker1", "worker2"]) as hosts:
         head = hosts["head"]
@@ -74,6 +77,8 @@ def test_pipeline_stages_on_separate_hosts_serve_through_the_cli(default_model, 
         )
         assert answer.status_code == 200, answer.text
         assert "Paris" in answer.json()["choices"][0]["message"]["content"]
+        haproxies = [p.info["cmdline"] for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy"]
+        assert haproxies and all("-dS" in cmdline for cmdline in haproxies), haproxies  # started without splicing
 
         placed = head.run(str(BIN / "python"), "-c", _WORKER_NODES.format(address=address, dashboard=f"http://{head.ip}:{DASHBOARD_PORT}"), env=env, timeout=120)
         assert placed.returncode == 0, placed.stderr[-2000:]
