@@ -94,7 +94,8 @@ class ServeLLMClient:
         # is set, as in the processes the controller starts): gRPC cut the API replica's CPU per streamed token from
         # 0.6 to 0.25 ms, but with it tests/test_server_api.py failed 2 runs of 3: a burst of 18 all admitted at
         # 8 running + 4 queued (the race below, far more often) and streams still running after their clients had
-        # closed (perhaps HAProxy's splicing, since turned off: cluster/haproxy.py; gRPC not tried again).
+        # closed (perhaps HAProxy's splicing, since turned off: cluster/haproxy.py). Tried again after both fixes:
+        # the tests passed, but no throughput gain showed (benchmarks/README.md), so not yet.
         self._handle = handle.options(_by_reference=True)
         self._streaming = self._handle.options(stream=True)
         self._retry_after_s = server.retry_after_s
