@@ -43,8 +43,7 @@ from ray import serve
 from tqdm import tqdm
 
 from benchmarks.engine_bench import PROMPTS
-from benchmarks.ports import free_port
-from cluster.local import init_private_session
+from cluster.local import free_port, init_private_session
 from serving.config import LLMConfig
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.llm_engine import LLMEngine

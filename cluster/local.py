@@ -164,6 +164,11 @@ def kill_session_leftovers(session_id: int) -> None:
             continue
 
 
+def free_port() -> int:
+    """A TCP port that nothing listens on right now."""
+    return free_ports(1)[0]
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct TCP ports that were free on every interface a moment ago (all held at once while choosing)."""
     sockets = [socket.socket() for _ in range(count)]

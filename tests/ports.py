@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import socket
 
-from cluster.local import free_ports
+from cluster.local import free_port
 
+__all__ = ["HOST", "free_port", "listening"]
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def listening(port: int) -> bool:

@@ -29,7 +29,7 @@ from benchmarks.loadtest.cli import main as bench
 from benchmarks.loadtest.compare import compare_table
 from benchmarks.loadtest.plots import plot_comparison
 from benchmarks.loadtest.report import load_result, write_result
-from benchmarks.ports import free_port
+from cluster.local import free_port
 
 MODEL = Path.home() / ".cache/llm-cluster/models/SmolLM2-135M-Instruct"
 NAME = "SmolLM2-135M-Instruct"
