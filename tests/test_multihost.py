@@ -18,6 +18,8 @@ import psutil
 import pytest
 import requests
 
+from cluster.haproxy import haproxy_env
+
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
 
 RAY_PORT, API_PORT, DASHBOARD_PORT = 6379, 8000, 8265
@@ -46,7 +48,7 @@ def _wait_for_nodes(head: netns.Host, env: dict[str, str], count: int, timeout_s
 
 def test_pipeline_stages_on_separate_hosts_serve_through_the_cli(default_model, tmp_path):
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
-    env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(BIN / "llmcluster-haproxy")
+    env |= haproxy_env()  # what the README has nodes started with
     ray_start = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats"]
     with netns.hosts(["head", "worker1", "worker2"]) as hosts:
         head = hosts["head"]
