@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import socket
 
-from cluster.local import free_port
+from cluster.local import free_port, free_ports
 
-__all__ = ["HOST", "free_port", "listening"]
+__all__ = ["HOST", "free_port", "free_ports", "listening"]
 HOST = "127.0.0.1"
 
 
