@@ -33,7 +33,7 @@ def max_logprob_error(output, reference: torch.Tensor) -> float:
     for pos, entry in enumerate(output.prompt_logprobs or []):
         if entry is None:
             continue
-        chosen, top = entry
+        chosen, top = entry[0], entry[1]  # prompt entries also carry the rank
         row = reference[pos - 1]
         errors.append(abs(chosen - row[prompt_ids[pos]].item()))
         errors += [abs(v - row[t].item()) for t, v in top.items()]

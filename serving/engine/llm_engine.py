@@ -76,6 +76,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         prompt_ids = self._prompt_ids(prompt)
         self._check_length(len(prompt_ids), params)
+        self._check_token_ids(params)
         request = Request(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params)
         seq = self._new_sequence(request, 0, prompt_ids)
         request.seqs.append(seq)
@@ -93,6 +94,11 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return ids
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            if any(t >= self.vocab_size for t in ids):
+                raise InvalidRequestError(f"{name} must hold token ids in [0, {self.vocab_size})", param=name)
 
     def _check_length(self, num_prompt: int, params: SamplingParams) -> None:
         limit = self.max_model_len
@@ -190,20 +196,25 @@ class LLMEngine:
                     seqs.append(sibling)
         if not seqs:
             return []
-        tokens, logprobs = sample(take_rows(sample_logits, rows), seqs)
+        tokens, logprobs = sample(take_rows(sample_logits, rows), seqs, self.tokenizer.eos_token_ids)
         return zip(seqs, tokens, logprobs)
 
     @staticmethod
     def _record_prompt_logprobs(seq: Sequence, start: int, rows: torch.Tensor) -> None:
         """Row i holds the logits after position start + i, i.e. the prediction of token start + i + 1."""
         request = seq.request
-        log_probs = torch.log_softmax(rows, dim=-1)
         if not request.prompt_logprobs:
             request.prompt_logprobs.append(None)  # nothing predicts the first token
-        for i in range(rows.shape[0]):
-            target = start + i + 1
-            if target < request.num_prompt_tokens and target == len(request.prompt_logprobs):
-                request.prompt_logprobs.append(top_logprobs(log_probs[i], request.prompt_token_ids[target], request.params.prompt_logprobs))
+        first = len(request.prompt_logprobs) - start - 1  # rows before it predict tokens already recorded
+        targets = request.prompt_token_ids[start + 1 + first : start + 1 + rows.shape[0]]
+        if first < 0 or not targets:
+            return
+        log_probs = torch.log_softmax(rows[first : first + len(targets)], dim=-1)
+        chosen = log_probs.gather(1, torch.tensor(targets, device=log_probs.device)[:, None])
+        ranks = ((log_probs > chosen).sum(dim=-1) + 1).tolist()  # 1 for the most likely token
+        k = request.params.prompt_logprobs
+        for i, (target, rank) in enumerate(zip(targets, ranks)):
+            request.prompt_logprobs.append((*top_logprobs(log_probs[i], target, k), rank))
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> None:
         params, now = seq.request.params, time.monotonic()
@@ -216,9 +227,11 @@ class LLMEngine:
         if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
             return self._finish(seq, "stop")
         if token in params.stop_token_ids:
+            if params.include_stop_str_in_output:
+                seq.text += seq.detokenizer.add(token)
             return self._finish(seq, "stop", token)
         seq.text += seq.detokenizer.add(token)
-        if params.stop and self._hit_stop_string(seq, params):
+        if params.stop and len(seq.token_ids) - seq.num_prompt_tokens > params.min_tokens and self._hit_stop_string(seq, params):
             return
         if len(seq.output_token_ids) >= (params.max_tokens or self.max_model_len) or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length")

@@ -11,16 +11,19 @@ import torch
 from serving.engine.sequence import Sequence, TokenLogprob
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Sample one token for each row of `logits` [N, V]; row i belongs to seqs[i]."""
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int] = frozenset()
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Sample one token for each row of `logits` [N, V]; row i belongs to seqs[i].
+
+    Logprobs are those of the model's own distribution, before penalties, logit_bias and min_tokens;
+    `eos_token_ids` are masked (with each request's stop_token_ids) while a request is short of min_tokens.
+    """
     params = [seq.request.params for seq in seqs]
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-    if any(p.has_penalties for p in params):
-        logits = logits.clone()
-        for i, seq in enumerate(seqs):
-            if params[i].has_penalties:
-                _apply_penalties(logits[i], seq)
+    if any(p.adjusts_logits for p in params):
+        logits = _adjust_logits(logits.clone(), seqs, eos_token_ids)
     greedy_tokens = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         tokens = greedy_tokens
@@ -45,6 +48,38 @@ def top_logprobs(logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
         values, ids = logprobs.topk(k)
         top = dict(zip(ids.tolist(), values.tolist()))
     return float(logprobs[token_id]), top
+
+
+def _adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> torch.Tensor:
+    """Penalties row by row, then every logit_bias entry of the batch in one scatter-add and every
+    min_tokens mask in one scatter: the rows of requests without these features are left alone."""
+    bias_rows: list[int] = []
+    bias_ids: list[int] = []
+    bias_values: list[float] = []
+    mask_rows: list[int] = []
+    mask_ids: list[int] = []
+    for i, seq in enumerate(seqs):
+        params = seq.request.params
+        if params.has_penalties:
+            _apply_penalties(logits[i], seq)
+        if params.logit_bias:
+            bias_rows += [i] * len(params.logit_bias)
+            bias_ids += params.logit_bias.keys()
+            bias_values += params.logit_bias.values()
+        if params.min_tokens and len(seq.token_ids) - seq.num_prompt_tokens < params.min_tokens:
+            stops = params.stop_token_ids if params.ignore_eos else [*params.stop_token_ids, *eos_token_ids]
+            mask_rows += [i] * len(stops)
+            mask_ids += stops
+    if bias_rows:
+        index = (_long(bias_rows, logits.device), _long(bias_ids, logits.device))
+        logits.index_put_(index, torch.tensor(bias_values, dtype=logits.dtype, device=logits.device), accumulate=True)
+    if mask_rows:
+        logits[_long(mask_rows, logits.device), _long(mask_ids, logits.device)] = float("-inf")
+    return logits
+
+
+def _long(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:

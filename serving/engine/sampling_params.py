@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 from serving.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 
 
 @dataclass
 class SamplingParams:
     n: int = 1
     max_tokens: int | None = 16  # None: up to the context length
+    min_tokens: int = 0  # EOS and stop_token_ids are masked, and stop strings not checked, until this many tokens
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 disables
@@ -27,12 +29,17 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per output token (0: the chosen token only)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self._check(isinstance(self.n, int) and self.n >= 1, "n", "n must be an integer >= 1")
         self._check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "max_tokens must be >= 1")
+        self._check(self.min_tokens >= 0, "min_tokens", "min_tokens must be >= 0")
+        self._check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "min_tokens must be at most max_tokens"
+        )
         self._check(self.temperature >= 0, "temperature", "temperature must be >= 0")
         self._check(0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]")
         self._check(self.top_k >= 0 or self.top_k == -1, "top_k", "top_k must be >= 0 (or -1 for all)")
@@ -44,6 +51,13 @@ class SamplingParams:
             value = getattr(self, name)
             self._check(value is None or 0 <= value <= MAX_LOGPROBS, name, f"{name} must be in [0, {MAX_LOGPROBS}]")
         self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
+        self._check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "stop_token_ids must be token ids (>= 0)")
+        self._check(all(t >= 0 for t in self.logit_bias), "logit_bias", "logit_bias keys must be token ids (>= 0)")
+        self._check(
+            all(-MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for b in self.logit_bias.values()),
+            "logit_bias",
+            f"logit_bias values must be in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
+        )
         if self.top_k == -1:
             self.top_k = 0
 
@@ -59,3 +73,8 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties, logit_bias or min_tokens change this request's logits before sampling."""
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0

@@ -10,8 +10,10 @@ import torch
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.sampling_params import SamplingParams
 
-# one entry per token: (logprob of the token, {token id: logprob} of the top candidates)
+# one entry per token: (logprob of the token, {token id: logprob} of the top candidates, most likely first)
 TokenLogprob = tuple[float, dict[int, float]]
+# a prompt token's entry also has the token's rank in the vocabulary (1: the most likely token)
+PromptLogprob = tuple[float, dict[int, float], int]
 
 
 class SeqStatus(enum.Enum):
@@ -65,7 +67,7 @@ class Request:
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprob | None] = field(default_factory=list)
     first_token_time: float | None = None
     scheduled_time: float | None = None  # first time a step computed any of it (metrics)
 
@@ -95,7 +97,7 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    prompt_logprobs: list[TokenLogprob | None] | None
+    prompt_logprobs: list[PromptLogprob | None] | None
     outputs: list[CompletionOutput]
     finished: bool
     arrival_time: float

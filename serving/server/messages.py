@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from serving.engine.sequence import RequestOutput, TokenLogprob
+from serving.engine.sequence import PromptLogprob, RequestOutput, TokenLogprob
 from serving.tokenizer import Tokenizer
 
 
@@ -29,7 +29,7 @@ class GenerationDelta:
 
     num_prompt_tokens: int
     choices: list[ChoiceDelta] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first delta only, when asked for
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # in the first delta only, when asked for
 
     def merge(self, later: GenerationDelta) -> GenerationDelta:
         """This delta followed by `later`, as one delta."""
