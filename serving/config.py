@@ -27,6 +27,12 @@ class ModelConfig(_Strict):
         "auto", description="'auto' is float32 on CPU and bfloat16 on CUDA."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when available.")
+    quantization: Literal["none", "int8", "int4", "gguf", "fp8"] = Field(
+        "none",
+        description="Weight format: 'int8' (per output channel) and 'int4' (groups of 32, scale and min) are quantized "
+        "at load time and run on the CPU kernels; 'gguf' serves a GGUF source (the default model's own Q4_1 file) in "
+        "its own precision; 'fp8' needs a GPU with FP8 units and is not implemented yet.",
+    )
     max_model_len: int | None = Field(
         None, gt=0, description="Longest prompt + output in tokens; defaults to the model's context length."
     )
@@ -60,6 +66,12 @@ class ParallelConfig(_Strict):
 
     tensor_parallel: int = Field(1, ge=1, description="Workers per pipeline stage, each holding a slice of every layer; kept on one node.")
     pipeline_parallel: int = Field(1, ge=1, description="Pipeline stages, each a run of consecutive layers; spread over nodes when there are several.")
+    worker_cpus: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs each worker reserves in Ray when the model runs on CPUs (fractions allowed: 0.5 puts "
+        "tensor_parallel 3 on two cores); workers on GPUs reserve one GPU each and no CPU.",
+    )
     placement_timeout_s: float = Field(
         60.0, gt=0, description="How long to wait for the cluster to free room for the workers before giving up."
     )
