@@ -76,45 +76,200 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
-/* out = x W^T (+ bias) (+ residual); bias [N] and residual [M][N] may be NULL. */
-void llm_linear(const float *x, int64_t M, int64_t K, const float *panels, int64_t N, const float *bias,
-                const float *residual, float *out, int threads) {
-    int64_t num_panels = (N + PANEL - 1) / PANEL;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < num_panels; p++) {
-        int64_t col = p * PANEL, width = N - col < PANEL ? N - col : PANEL;
-        float acc[MAX_ROWS][PANEL];
-        for (int64_t m = 0; m < M; m += MAX_ROWS) {
-            int rows = M - m < MAX_ROWS ? (int)(M - m) : MAX_ROWS;
-            tile_any(x + m * K, K, panels + p * K * PANEL, rows, acc);
-            for (int r = 0; r < rows; r++) {
-                float *o = out + (m + r) * N + col;
-                const float *res = residual ? residual + (m + r) * N + col : NULL;
-                for (int64_t c = 0; c < width; c++)
-                    o[c] = acc[r][c] + (bias ? bias[col + c] : 0.0f) + (res ? res[c] : 0.0f);
-            }
+/* Quantized weights (weight-only: x stays float32), in the same panels of 16 output columns.
+ *
+ * Q8: int8 q, w = q * scale, one float32 scale per column and `group` k (group = K: per output channel;
+ *     32: GGUF's Q8_0). data [P][K][16] int8, scales [P][K/group][16] float.
+ * Q4: 4-bit q in 0..15, w = q * d + m per column and 32 k (GGUF's Q4_1; Q4_0 is m = -8 d). data
+ *     [P][K/32][16][16] bytes: byte j of a group holds k = j (low nibble) and k = j + 16 (high), one
+ *     byte per column; d, m [P][K/32][16] float16.
+ * The weights are expanded to float32 exactly as GGUF's reference dequantization does (a multiply,
+ * then an add), and products are summed in k order, so a quantized model gives the float model's
+ * results bit for bit. Up to Q_ROWS rows of x they are expanded in registers; above that each panel
+ * is expanded once into a per-thread buffer and the float tile runs over it (measured faster from
+ * 5 rows on, benchmarks/README.md).
+ */
+enum { FORMAT_F32 = 0, FORMAT_Q8 = 1, FORMAT_Q4 = 2 };
+#define Q_ROWS 4
+
+typedef struct {
+    int format;
+    const void *data, *scales, *mins;
+    int64_t group;
+} Weights;
+
+static inline __m256 q8_lanes(const int8_t *q) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))); }
+static inline __m256 q4_lanes(__m128i nibbles) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles)); }
+static inline __m256 half_lanes(const uint16_t *h) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)); }
+
+/* Expand panel p (16 columns x K) to float32 [K][16], as the tiles see it. */
+static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
+    if (w->format == FORMAT_Q8) {
+        const int8_t *q = (const int8_t *)w->data + p * K * PANEL;
+        const float *scales = (const float *)w->scales + p * (K / w->group) * PANEL;
+        for (int64_t k = 0; k < K; k++) {
+            const float *s = scales + (k / w->group) * PANEL;
+            _mm256_storeu_ps(out + k * PANEL, _mm256_mul_ps(q8_lanes(q + k * PANEL), _mm256_loadu_ps(s)));
+            _mm256_storeu_ps(out + k * PANEL + 8, _mm256_mul_ps(q8_lanes(q + k * PANEL + 8), _mm256_loadu_ps(s + 8)));
+        }
+        return;
+    }
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const uint8_t *q = (const uint8_t *)w->data + p * (K / 2) * PANEL;
+    const uint16_t *d = (const uint16_t *)w->scales + p * (K / 32) * PANEL, *m = (const uint16_t *)w->mins + p * (K / 32) * PANEL;
+    for (int64_t g = 0; g < K / 32; g++) {
+        __m256 d_lo = half_lanes(d + g * PANEL), d_hi = half_lanes(d + g * PANEL + 8);
+        __m256 m_lo = half_lanes(m + g * PANEL), m_hi = half_lanes(m + g * PANEL + 8);
+        for (int j = 0; j < 16; j++) {
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (g * 16 + j) * PANEL));
+            __m128i first = _mm_and_si128(bytes, low4), second = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+            float *row = out + (g * 32 + j) * PANEL, *row16 = row + 16 * PANEL;
+            _mm256_storeu_ps(row, _mm256_add_ps(_mm256_mul_ps(q4_lanes(first), d_lo), m_lo));
+            _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_mul_ps(q4_lanes(_mm_unpackhi_epi64(first, first)), d_hi), m_hi));
+            _mm256_storeu_ps(row16, _mm256_add_ps(_mm256_mul_ps(q4_lanes(second), d_lo), m_lo));
+            _mm256_storeu_ps(row16 + 8, _mm256_add_ps(_mm256_mul_ps(q4_lanes(_mm_unpackhi_epi64(second, second)), d_hi), m_hi));
         }
     }
 }
 
-/* out[M][width] = silu(x Wg^T) * (x Wu^T), panels holding 8 gate then 8 up columns each. */
-void llm_gate_up(const float *x, int64_t M, int64_t K, const float *panels, int64_t width, float *out, int threads) {
-    int64_t num_panels = (width + 7) / 8;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < num_panels; p++) {
-        int64_t col = p * 8, n = width - col < 8 ? width - col : 8;
-        float acc[MAX_ROWS][PANEL], gated[8];
-        for (int64_t m = 0; m < M; m += MAX_ROWS) {
-            int rows = M - m < MAX_ROWS ? (int)(M - m) : MAX_ROWS;
-            tile_any(x + m * K, K, panels + p * K * PANEL, rows, acc);
+/* The Q8 tile: like `tile`, each weight expanded in registers. */
+static inline __attribute__((always_inline)) void tile_q8(const float *x, int64_t K, const int8_t *q, const float *scales, int64_t group,
+                                                          int rows, float acc[MAX_ROWS][PANEL]) {
+    __m256 lo[Q_ROWS], hi[Q_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K; g += group) {
+        __m256 s_lo = _mm256_loadu_ps(scales + (g / group) * PANEL), s_hi = _mm256_loadu_ps(scales + (g / group) * PANEL + 8);
+        for (int64_t k = g; k < g + group; k++) {
+            __m256 w_lo = _mm256_mul_ps(q8_lanes(q + k * PANEL), s_lo), w_hi = _mm256_mul_ps(q8_lanes(q + k * PANEL + 8), s_hi);
+#pragma GCC unroll 4
             for (int r = 0; r < rows; r++) {
-                __m256 gate = _mm256_loadu_ps(acc[r]), up = _mm256_loadu_ps(acc[r] + 8);
-                __m256 sigmoid = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
-                _mm256_storeu_ps(gated, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid), up));
-                memcpy(out + (m + r) * width + col, gated, n * sizeof(float));
+                __m256 xk = _mm256_broadcast_ss(x + r * K + k);
+                lo[r] = _mm256_fmadd_ps(xk, w_lo, lo[r]);
+                hi[r] = _mm256_fmadd_ps(xk, w_hi, hi[r]);
             }
         }
     }
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) {
+        _mm256_storeu_ps(acc[r], lo[r]);
+        _mm256_storeu_ps(acc[r] + 8, hi[r]);
+    }
+}
+
+/* The Q4 tile: a group's 16 bytes are read twice (low nibbles: k = 0..15, then high: 16..31) to keep k order. */
+static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_t K, const uint8_t *q, const uint16_t *d, const uint16_t *m,
+                                                          int rows, float acc[MAX_ROWS][PANEL]) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m256 lo[Q_ROWS], hi[Q_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / 32; g++) {
+        __m256 d_lo = half_lanes(d + g * PANEL), d_hi = half_lanes(d + g * PANEL + 8);
+        __m256 m_lo = half_lanes(m + g * PANEL), m_hi = half_lanes(m + g * PANEL + 8);
+        for (int half = 0; half < 2; half++) {
+            for (int j = 0; j < 16; j++) {
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (g * 16 + j) * PANEL));
+                __m128i nibbles = _mm_and_si128(half ? _mm_srli_epi16(bytes, 4) : bytes, low4);
+                __m256 w_lo = _mm256_add_ps(_mm256_mul_ps(q4_lanes(nibbles), d_lo), m_lo);
+                __m256 w_hi = _mm256_add_ps(_mm256_mul_ps(q4_lanes(_mm_unpackhi_epi64(nibbles, nibbles)), d_hi), m_hi);
+                int64_t k = g * 32 + half * 16 + j;
+#pragma GCC unroll 4
+                for (int r = 0; r < rows; r++) {
+                    __m256 xk = _mm256_broadcast_ss(x + r * K + k);
+                    lo[r] = _mm256_fmadd_ps(xk, w_lo, lo[r]);
+                    hi[r] = _mm256_fmadd_ps(xk, w_hi, hi[r]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) {
+        _mm256_storeu_ps(acc[r], lo[r]);
+        _mm256_storeu_ps(acc[r] + 8, hi[r]);
+    }
+}
+
+static void tile_quantized(const Weights *w, int64_t p, const float *x, int64_t K, int rows, float acc[MAX_ROWS][PANEL]) {
+    if (w->format == FORMAT_Q8) {
+        const int8_t *q = (const int8_t *)w->data + p * K * PANEL;
+        const float *s = (const float *)w->scales + p * (K / w->group) * PANEL;
+        switch (rows) {
+        case 1: tile_q8(x, K, q, s, w->group, 1, acc); break;
+        case 2: tile_q8(x, K, q, s, w->group, 2, acc); break;
+        case 3: tile_q8(x, K, q, s, w->group, 3, acc); break;
+        default: tile_q8(x, K, q, s, w->group, 4, acc); break;
+        }
+        return;
+    }
+    const uint8_t *q = (const uint8_t *)w->data + p * (K / 2) * PANEL;
+    const uint16_t *d = (const uint16_t *)w->scales + p * (K / 32) * PANEL, *m = (const uint16_t *)w->mins + p * (K / 32) * PANEL;
+    switch (rows) {
+    case 1: tile_q4(x, K, q, d, m, 1, acc); break;
+    case 2: tile_q4(x, K, q, d, m, 2, acc); break;
+    case 3: tile_q4(x, K, q, d, m, 3, acc); break;
+    default: tile_q4(x, K, q, d, m, 4, acc); break;
+    }
+}
+
+/* Every product: out[M][N] = x W^T with either epilogue. Linear (gated = 0): + bias + residual,
+ * panels of 16 columns. Gated: panels of 8 gate then 8 up columns, out[M][N] = silu(gate) * up. */
+static void run_panels(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
+                       const float *residual, float *out, int threads) {
+    int64_t columns = gated ? 8 : PANEL, num_panels = (N + columns - 1) / columns;
+    int expand = w->format != FORMAT_F32 && M > Q_ROWS;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scratch = expand ? aligned_alloc(64, K * PANEL * sizeof(float)) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < num_panels; p++) {
+            int64_t col = p * columns, width = N - col < columns ? N - col : columns;
+            const float *panel = w->format == FORMAT_F32 ? (const float *)w->data + p * K * PANEL : scratch;
+            if (expand) expand_panel(w, p, K, scratch);
+            float acc[MAX_ROWS][PANEL], gated_row[8];
+            for (int64_t m = 0; m < M; m += MAX_ROWS) {
+                int rows = M - m < MAX_ROWS ? (int)(M - m) : MAX_ROWS;
+                if (panel != NULL)
+                    tile_any(x + m * K, K, panel, rows, acc);
+                else
+                    tile_quantized(w, p, x + m * K, K, rows, acc);
+                for (int r = 0; r < rows; r++) {
+                    float *o = out + (m + r) * N + col;
+                    if (gated) {
+                        __m256 gate = _mm256_loadu_ps(acc[r]), up = _mm256_loadu_ps(acc[r] + 8);
+                        __m256 sigmoid = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+                        _mm256_storeu_ps(gated_row, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid), up));
+                        memcpy(o, gated_row, width * sizeof(float));
+                        continue;
+                    }
+                    const float *res = residual ? residual + (m + r) * N + col : NULL;
+                    for (int64_t c = 0; c < width; c++)
+                        o[c] = acc[r][c] + (bias ? bias[col + c] : 0.0f) + (res ? res[c] : 0.0f);
+                }
+            }
+        }
+        free(scratch);
+    }
+}
+
+/* out = x W^T (+ bias) (+ residual); bias [N] and residual [M][N] may be NULL. */
+void llm_linear(const float *x, int64_t M, int64_t K, const float *panels, int64_t N, const float *bias,
+                const float *residual, float *out, int threads) {
+    Weights w = {FORMAT_F32, panels, NULL, NULL, 0};
+    run_panels(&w, x, M, K, N, 0, bias, residual, out, threads);
+}
+
+/* out[M][width] = silu(x Wg^T) * (x Wu^T), panels holding 8 gate then 8 up columns each. */
+void llm_gate_up(const float *x, int64_t M, int64_t K, const float *panels, int64_t width, float *out, int threads) {
+    Weights w = {FORMAT_F32, panels, NULL, NULL, 0};
+    run_panels(&w, x, M, K, width, 1, NULL, NULL, out, threads);
+}
+
+/* llm_linear and llm_gate_up (gated = 1) over quantized panels; format FORMAT_Q8 or FORMAT_Q4. */
+void llm_quantized(const float *x, int64_t M, int64_t K, int format, const void *data, const void *scales, const void *mins,
+                   int64_t group, int64_t N, int gated, const float *bias, const float *residual, float *out, int threads) {
+    Weights w = {format, data, scales, mins, group};
+    run_panels(&w, x, M, K, N, gated, bias, residual, out, threads);
 }
 
 /* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * weight, as Hugging Face's LlamaRMSNorm in float32. */

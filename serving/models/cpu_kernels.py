@@ -1,4 +1,4 @@
-"""Build and call the float32 CPU matrix kernels of `cpu_kernels.c`.
+"""Build and call the CPU kernels of `cpu_kernels.c` (float32 activations; float32, int8 or 4-bit weights).
 
 The C file is compiled once per machine and source version with the system C compiler (a second or
 two) into the cache directory, and loaded with ctypes. It is linked against the OpenMP runtime
@@ -28,7 +28,7 @@ from serving.models.source import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 _POINTER, _SIZE, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 # argument types of each llm_* function in cpu_kernels.c, in order
 _SIGNATURES = {
@@ -37,7 +37,10 @@ _SIGNATURES = {
     "rms_norm": [_POINTER, _SIZE, _SIZE, _POINTER, _FLOAT, _POINTER, _INT],
     "decode_attention": [_POINTER, *[_SIZE] * 5, _POINTER, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER, _FLOAT, _POINTER, _INT],
     "rope_store": [_POINTER, *[_SIZE] * 4, *[_POINTER] * 5, _INT],
+    "quantized": [_POINTER, _SIZE, _SIZE, _INT, _POINTER, _POINTER, _POINTER, _SIZE, _SIZE, _INT, _POINTER, _POINTER, _POINTER, _INT],
 }
+# weight formats of llm_quantized (FORMAT_* in cpu_kernels.c)
+QUANTIZED_FORMATS = {"q8": 1, "q4": 2}
 
 
 class CpuKernels:
@@ -49,6 +52,7 @@ class CpuKernels:
             function.argtypes, function.restype = argtypes, None
         self._linear, self._gate_up = library.llm_linear, library.llm_gate_up
         self._rms_norm, self._decode_attention, self._rope_store = library.llm_rms_norm, library.llm_decode_attention, library.llm_rope_store
+        self._quantized = library.llm_quantized
 
     def linear(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] @ W^T (+ bias [n]) (+ residual [M, n]) with W packed by `to_panels`."""
@@ -62,6 +66,19 @@ class CpuKernels:
         m, k = x.shape
         out = torch.empty(m, width)
         self._gate_up(x.data_ptr(), m, k, panels.data_ptr(), width, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def quantized(
+        self, x: torch.Tensor, kind: str, data: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group: int, n: int,
+        gated: bool, bias: torch.Tensor | None, residual: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`linear` (gated False) or `gate_up` (True) over quantized panels packed by serving/models/quant.py."""
+        m, k = x.shape
+        out = torch.empty(m, n)
+        self._quantized(
+            x.data_ptr(), m, k, QUANTIZED_FORMATS[kind], data.data_ptr(), scales.data_ptr(), _ptr(mins), group, n, int(gated),
+            _ptr(bias), _ptr(residual), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
         return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -123,6 +140,9 @@ def to_gate_up_panels(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return both.transpose(1, 2).contiguous()
 
 
+_FAILURE: list[str] = []  # the reason load_cpu_kernels() gave up, once it has
+
+
 @functools.cache
 def load_cpu_kernels() -> CpuKernels | None:
     """The compiled kernels, or None (reason logged) where they cannot be used on this machine."""
@@ -135,7 +155,13 @@ def load_cpu_kernels() -> CpuKernels | None:
         except OSError as error:
             reason = f"loading {SOURCE.name} failed: {error}"
     log.warning("CPU matrix kernels not used (%s); falling back to torch's linear layers, which are slower", reason)
+    _FAILURE.append(reason)
     return None
+
+
+def unavailable_reason() -> str | None:
+    """Why `load_cpu_kernels()` returned None (None when it did not)."""
+    return None if load_cpu_kernels() is not None else _FAILURE[-1]
 
 
 def _unavailable_reason() -> str | None:

@@ -1,0 +1,211 @@
+"""Weight-only quantization on CPU: int8 and 4-bit weights, float32 activations.
+
+Two storage kinds, both in GGUF's block layouts so that GGUF files load without any loss:
+- "q8": int8 q, w = q * scale, a float32 scale per output row and `group` inputs. Load-time
+  int8 quantization uses one group per row (per output channel, symmetric); GGUF's Q8_0 is group 32.
+- "q4": 4-bit q in 0..15, w = q * d + m with float16 d and m per output row and 32 inputs (GGUF's
+  Q4_1; Q4_0, w = d * (q - 8), is m = -8 d). Within each group of 32, byte j holds input j in its
+  low nibble and input j + 16 in its high nibble.
+
+While the model loads, a QuantLinear holds its rows in this row-major form; `pack` rearranges them
+into the panels of the CPU kernels (serving/models/cpu_kernels.c), where all products happen.
+Quantizing at load time works tensor by tensor, so peak memory is the quantized model plus one
+float tensor. Row-parallel slices (tensor parallelism splits inputs) are cut after quantizing the
+whole row, so every slice carries its row's scale and the slices sum to the single-worker result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serving.errors import UnsupportedModelError
+from serving.models.cpu_kernels import CpuKernels, load_cpu_kernels, unavailable_reason
+
+GROUP = 32  # inputs per q4 scale/min, and per Q8_0 scale
+KINDS = {"int8": "q8", "int4": "q4"}  # load-time quantization formats -> storage kind
+
+
+class QuantizationError(UnsupportedModelError):
+    """A quantization format cannot be used with this model, checkpoint or device."""
+
+
+@dataclass
+class QuantRows:
+    """Quantized rows of one weight matrix [rows, cols], row-major (see the module docstring)."""
+
+    kind: str
+    data: torch.Tensor  # q8: int8 [rows, cols]; q4: uint8 [rows, cols / 2]
+    scales: torch.Tensor  # q8: float32 [rows, cols / group]; q4: float16 [rows, cols / 32]
+    mins: torch.Tensor | None  # q4: float16 [rows, cols / 32]
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[0], self.data.shape[1] * (2 if self.kind == "q4" else 1)
+
+    def narrow(self, dim: int, start: int, length: int) -> QuantRows:
+        """Rows (dim 0) or inputs (dim 1) [start, start + length); input cuts must fall on group edges."""
+        if dim == 0:
+            mins = None if self.mins is None else self.mins.narrow(0, start, length)
+            return QuantRows(self.kind, self.data.narrow(0, start, length), self.scales.narrow(0, start, length), mins, self.group)
+        if self.kind == "q8" and self.scales.shape[1] == 1:  # one scale per row: every slice keeps it
+            return QuantRows("q8", self.data.narrow(1, start, length), self.scales, None, length)
+        if start % self.group or length % self.group:
+            raise QuantizationError(f"a slice of inputs [{start}, {start + length}) does not fall on the {self.group}-input groups of {self.kind}")
+        groups = (start // self.group, length // self.group)
+        per_byte = 2 if self.kind == "q4" else 1
+        data = self.data.narrow(1, start // per_byte, length // per_byte)
+        mins = None if self.mins is None else self.mins.narrow(1, *groups)
+        return QuantRows(self.kind, data, self.scales.narrow(1, *groups), mins, self.group)
+
+    def select_rows(self, index: torch.Tensor) -> QuantRows:
+        mins = None if self.mins is None else self.mins[index]
+        return QuantRows(self.kind, self.data[index], self.scales[index], mins, self.group)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [rows, cols], computed as GGUF's reference dequantization does (multiply, then add)."""
+        rows, cols = self.shape
+        if self.kind == "q8":
+            return (self.data.float().view(rows, -1, self.group) * self.scales[..., None]).view(rows, cols)
+        bytes_ = self.data.view(rows, -1, GROUP // 2)
+        q = torch.cat((bytes_ & 15, bytes_ >> 4), dim=-1).float()
+        return (q * self.scales.float()[..., None] + self.mins.float()[..., None]).view(rows, cols)
+
+
+def quantize(weights: torch.Tensor, kind: str) -> QuantRows:
+    """Quantize float rows [rows, cols]: q8 per row (symmetric), q4 per 32 inputs (scale and min)."""
+    weights = weights.float()
+    rows, cols = weights.shape
+    if kind == "q8":
+        scales = weights.abs().amax(dim=1, keepdim=True) / 127
+        q = torch.round(weights / torch.where(scales == 0, 1.0, scales)).clamp_(-127, 127).to(torch.int8)
+        return QuantRows("q8", q, scales, None, cols)
+    if cols % GROUP:
+        raise QuantizationError(f"int4 quantizes groups of {GROUP} inputs; a matrix with {cols} inputs does not divide into them")
+    groups = weights.view(rows, -1, GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    d, m = ((high - low) / 15).half(), low.half()
+    scale = d.float()[..., None]
+    q = torch.round((groups - m.float()[..., None]) / torch.where(scale == 0, 1.0, scale)).clamp_(0, 15).to(torch.uint8)
+    data = (q[..., : GROUP // 2] | (q[..., GROUP // 2 :] << 4)).view(rows, cols // 2)
+    return QuantRows("q4", data, d, m, GROUP)
+
+
+def _storage(kind: str, rows: int, cols: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    if kind == "q8":
+        return torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows, cols // group), None
+    return (torch.empty(rows, cols // 2, dtype=torch.uint8), torch.empty(rows, cols // GROUP, dtype=torch.float16),
+            torch.empty(rows, cols // GROUP, dtype=torch.float16))  # fmt: skip
+
+
+class QuantizedWeight(nn.Module):
+    """Row-major quantized rows a loader fills piece by piece (see QuantRows for the layout)."""
+
+    def __init__(self, kind: str, rows: int, cols: int, group: int) -> None:
+        super().__init__()
+        if cols % group:
+            raise QuantizationError(f"{kind} needs inputs in groups of {group}; a matrix with {cols} inputs does not divide into them")
+        self.kind, self.rows, self.cols, self.group = kind, rows, cols, group
+        data, scales, mins = _storage(kind, rows, cols, group)
+        self.register_buffer("data", data)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+
+    def load_rows(self, start: int, part: QuantRows) -> None:
+        if part.kind != self.kind or part.group != self.group:
+            raise QuantizationError(f"{part.kind} rows in groups of {part.group} cannot fill a {self.kind} matrix in groups of {self.group}")
+        count = part.data.shape[0]
+        self.data[start : start + count] = part.data
+        self.scales[start : start + count] = part.scales
+        if self.mins is not None:
+            self.mins[start : start + count] = part.mins
+
+    def rows_(self) -> QuantRows:
+        return QuantRows(self.kind, self.data, self.scales, self.mins, self.group)
+
+
+class QuantLinear(QuantizedWeight):
+    """y = x W^T (+ bias) (+ residual), or silu(x Wg^T) * x Wu^T when `gated` (gate rows, then up rows),
+    on the CPU kernels once `pack`ed."""
+
+    def __init__(self, kind: str, out_features: int, in_features: int, group: int, bias: bool, gated: bool) -> None:
+        super().__init__(kind, out_features, in_features, group)
+        self.out_features, self.in_features, self.gated = out_features, in_features, gated
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.kernels: CpuKernels | None = None
+
+    def pack(self, kernels: CpuKernels) -> None:
+        """Rearrange the rows into kernel panels of 16 outputs (8 gate + 8 up outputs when gated)."""
+        rows = self.rows_()
+        if self.gated:
+            width = self.rows // 2
+            columns = torch.arange(-(-width // 8) * 8).view(-1, 8)
+            gate = torch.where(columns < width, columns, 2 * width)  # row 2 * width: a zero row for the padding
+            up = torch.where(columns < width, columns + width, 2 * width)
+            rows = _pad_rows(rows, 2 * width + 1).select_rows(torch.cat((gate, up), dim=1).flatten())
+        panels = -(-rows.data.shape[0] // 16)
+        rows = _pad_rows(rows, panels * 16)
+        self.data = _panel(rows.data, panels)
+        self.scales = _panel(rows.scales, panels)
+        self.mins = None if rows.mins is None else _panel(rows.mins, panels)
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        if residual is not None:
+            residual = residual.reshape(rows.shape[0], -1).contiguous()
+        width = self.out_features // 2 if self.gated else self.out_features
+        out = self.kernels.quantized(rows, self.kind, self.data, self.scales, self.mins, self.group, width, self.gated, self.bias, residual)
+        return out.view(*x.shape[:-1], width)
+
+
+def _pad_rows(rows: QuantRows, count: int) -> QuantRows:
+    """`count` rows, zero rows (weights 0) added at the end."""
+    extra = count - rows.data.shape[0]
+    mins = None if rows.mins is None else F.pad(rows.mins, (0, 0, 0, extra))
+    return QuantRows(rows.kind, F.pad(rows.data, (0, 0, 0, extra)), F.pad(rows.scales, (0, 0, 0, extra)), mins, rows.group)
+
+
+def _panel(values: torch.Tensor, panels: int) -> torch.Tensor:
+    """[panels * 16, n] -> [panels, n, 16]."""
+    return values.view(panels, 16, -1).transpose(1, 2).contiguous()
+
+
+class QuantEmbedding(QuantizedWeight):
+    """Token embeddings looked up from quantized rows (expanded to float32 per looked-up row)."""
+
+    def __init__(self, kind: str, num_embeddings: int, embedding_dim: int, group: int) -> None:
+        super().__init__(kind, num_embeddings, embedding_dim, group)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows_().select_rows(ids.flatten()).dequantize().view(*ids.shape, self.embedding_dim)
+
+    def as_linear(self) -> QuantLinear:
+        """An (unpacked) LM head holding a copy of these rows, for tied embeddings."""
+        head = QuantLinear(self.kind, self.rows, self.cols, self.group, bias=False, gated=False)
+        head.load_rows(0, self.rows_())
+        return head
+
+
+def require_cpu_kernels(quantization: str, device: torch.device, dtype: torch.dtype) -> CpuKernels | None:
+    """The CPU kernels a quantized model runs on (None for quantization "none"), or a clear error
+    when the format cannot run on this device."""
+    if quantization == "none":
+        return None
+    if quantization == "fp8":
+        raise QuantizationError(
+            f"quantization 'fp8' needs a CUDA GPU with FP8 matrix units, and this engine has no FP8 kernels yet; "
+            f"device is {device.type}: use 'int8' or 'int4' on CPU"
+        )
+    if device.type != "cpu":
+        raise QuantizationError(f"quantization {quantization!r} runs on the CPU kernels only; device is {device.type}: use quantization 'none'")
+    if dtype != torch.float32:
+        raise QuantizationError(f"quantization {quantization!r} computes in float32; set dtype 'auto' or 'float32', not {dtype}")
+    kernels = load_cpu_kernels()
+    if kernels is None:
+        raise QuantizationError(f"quantization {quantization!r} needs this project's CPU kernels, which cannot run here: {unavailable_reason()}")
+    return kernels

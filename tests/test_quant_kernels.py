@@ -1,0 +1,97 @@
+"""The quantized CPU kernels (int8 and 4-bit weights) against the float kernels and float64 torch
+over the same dequantized weights, and the layouts they read."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serving.models import cpu_kernels
+from serving.models.cpu_kernels import load_cpu_kernels, to_gate_up_panels, to_panels
+from serving.models.quant import QuantLinear, QuantRows, quantize
+
+pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None, reason=f"CPU kernels cannot run here: {cpu_kernels.unavailable_reason()}")
+
+# rows cover the in-register tiles (1-4) and the expanded-panel path (5+); widths cover partial panels
+ROWS = [1, 2, 4, 5, 13]
+SHAPES = [(576, 960), (64, 40), (96, 17)]
+
+
+def q8_groups_of_32(weight: torch.Tensor) -> QuantRows:
+    """GGUF Q8_0's layout: a scale per 32 inputs."""
+    rows, cols = weight.shape
+    scales = weight.view(rows, -1, 32).abs().amax(dim=-1) / 127
+    q = torch.round(weight.view(rows, -1, 32) / scales[..., None]).to(torch.int8).view(rows, cols)
+    return QuantRows("q8", q, scales, None, 32)
+
+
+FORMATS = {"int8": lambda w: quantize(w, "q8"), "int4": lambda w: quantize(w, "q4"), "q8_0": q8_groups_of_32}
+
+
+def linear(rows: QuantRows, bias: bool, gated: bool) -> QuantLinear:
+    out_features, in_features = rows.shape
+    layer = QuantLinear(rows.kind, out_features, in_features, rows.group, bias=bias, gated=gated)
+    layer.load_rows(0, rows)
+    if bias:
+        layer.bias.data.normal_()
+    layer.pack(load_cpu_kernels())
+    return layer
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("batch", ROWS)
+@pytest.mark.parametrize("in_features, out_features", SHAPES)
+def test_quantized_linear_is_the_float_kernel_over_dequantized_weights(fmt, batch, in_features, out_features):
+    rows = FORMATS[fmt](torch.randn(out_features, in_features))
+    layer = linear(rows, bias=True, gated=False)
+    weight = rows.dequantize()
+    x, residual = torch.randn(batch, in_features), torch.randn(batch, out_features)
+    out = layer(x, residual)
+    # weights expanded exactly as dequantize() does, products summed in the same order as the float kernel
+    assert torch.equal(out, load_cpu_kernels().linear(x, to_panels(weight), out_features, layer.bias.data, residual))
+    expected = x.double() @ weight.double().T + layer.bias.double() + residual.double()
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("batch", ROWS)
+@pytest.mark.parametrize("in_features, width", SHAPES)
+def test_quantized_gate_up_is_the_silu_product_of_dequantized_weights(fmt, batch, in_features, width):
+    rows = FORMATS[fmt](torch.randn(2 * width, in_features))
+    layer = linear(rows, bias=False, gated=True)
+    gate, up = rows.dequantize().chunk(2)
+    x = torch.randn(batch, in_features)
+    out = layer(x)
+    assert out.shape == (batch, width)
+    assert torch.equal(out, load_cpu_kernels().gate_up(x, to_gate_up_panels(gate, up), width))
+    expected = F.silu(x.double() @ gate.double().T) * (x.double() @ up.double().T)
+    assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_int8_is_per_row_symmetric_within_half_a_step():
+    weight = torch.randn(40, 96) * torch.rand(40, 1) * 3  # rows of very different ranges
+    rows = quantize(weight, "q8")
+    assert rows.scales.shape == (40, 1) and rows.data.dtype == torch.int8
+    assert torch.equal(rows.scales[:, 0], weight.abs().amax(dim=1) / 127)
+    assert ((rows.dequantize() - weight).abs() <= rows.scales / 2 * (1 + 1e-5)).all()
+
+
+def test_int4_groups_of_32_cover_each_groups_range_within_half_a_step():
+    weight = torch.randn(8, 128) + torch.arange(4).repeat_interleave(32) * 5  # every group its own offset
+    rows = quantize(weight, "q4")
+    assert rows.data.shape == (8, 64) and rows.scales.shape == rows.mins.shape == (8, 4) and rows.scales.dtype == torch.float16
+    step = rows.scales.float().repeat_interleave(32, dim=1)
+    # d and min are rounded to float16, so a value can sit a little past half a step
+    assert ((rows.dequantize() - weight).abs() <= step * 0.5 + 2e-2).all()
+
+
+def test_input_slices_keep_the_rows_scales_and_sum_to_the_whole():
+    weight, x = torch.randn(24, 128), torch.randn(3, 128)
+    for kind in ("q8", "q4"):
+        rows = quantize(weight, kind)
+        halves = [rows.narrow(1, 0, 64), rows.narrow(1, 64, 64)]
+        whole = x @ rows.dequantize().T
+        parts = x[:, :64] @ halves[0].dequantize().T + x[:, 64:] @ halves[1].dequantize().T
+        assert torch.allclose(parts, whole, atol=1e-4)
+    with pytest.raises(Exception, match="groups"):
+        quantize(weight, "q4").narrow(1, 16, 64)
