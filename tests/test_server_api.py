@@ -172,13 +172,143 @@ def test_batched_and_token_id_prompts(client, default_model):
     assert by_ids.usage.prompt_tokens == 2 * len(hello)
 
 
+# the fields OpenAI clients and vLLM-targeting tools send (docs/api.md)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model) -> Tokenizer:
+    return Tokenizer.from_folder(default_model)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client, endpoint):
+    create = client.completions.create if endpoint == "completions" else client.chat.completions.create
+    args = {"model": MODEL, "temperature": 0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
+    args |= {"prompt": "Once upon a time"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    whole = create(**args)
+    chunks = list(create(**args, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert all(c.usage is not None and c.usage.prompt_tokens == whole.usage.prompt_tokens for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 8 and chunks[-1].usage == whole.usage and chunks[-1].choices == []
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    assert len(set(counts)) > 2  # counts grow chunk by chunk, not only at the end
+
+
+def test_logit_bias_steers_the_tokens(client, tokenizer):
+    [paris] = tokenizer.encode(" Paris")
+    response = client.completions.create(model=MODEL, prompt="I like", max_tokens=3, temperature=0, logit_bias={str(paris): 100})
+    assert response.choices[0].text == " Paris" * 3
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=3, temperature=0.7, seed=1, logit_bias={str(paris): 100}
+    )
+    assert chat.choices[0].message.content == " Paris" * 3
+
+
+def test_min_tokens_keeps_a_short_answer_going(client):
+    messages = [{"role": "user", "content": "Reply with one word: yes or no?"}]
+    args = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 40}
+    short = client.chat.completions.create(**args)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 25
+    held = client.chat.completions.create(**args, extra_body={"min_tokens": 25})
+    assert held.usage.completion_tokens >= 25
+
+
+def test_stop_token_ids_and_include_stop_str_in_output(client, tokenizer):
+    args = {"model": MODEL, "prompt": "Here is a list of fruits: apple,", "temperature": 0, "max_tokens": 12}
+    free = client.completions.create(**args, extra_body={"ignore_eos": True}).choices[0].text
+    [comma] = tokenizer.encode(",")
+    assert "," in free
+    cut = client.completions.create(**args, extra_body={"stop_token_ids": [comma]}).choices[0]
+    assert (cut.text, cut.finish_reason) == (free[: free.index(",")], "stop")
+    kept = client.completions.create(**args, extra_body={"stop_token_ids": [comma], "include_stop_str_in_output": True})
+    assert kept.choices[0].text == free[: free.index(",") + 1]
+    with_stop = client.completions.create(**args, stop=[","], extra_body={"include_stop_str_in_output": True})
+    assert with_stop.choices[0].text == free[: free.index(",") + 1]
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(client, tokenizer):
+    start = tokenizer.encode("<|im_start|>", add_special_tokens=False)
+    assert len(start) == 1 and start[0] in tokenizer.all_special_ids and start[0] not in tokenizer.eos_token_ids
+    args = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 0, "logit_bias": {str(start[0]): 100}}
+    assert client.completions.create(**args).choices[0].text == ""
+    kept = client.completions.create(**args, extra_body={"skip_special_tokens": False}).choices[0].text
+    assert kept == "<|im_start|>" * 2
+    for spaces in (True, False):  # accepted; a fast tokenizer's decoder puts no spaces around special tokens either way
+        extra = {"skip_special_tokens": False, "spaces_between_special_tokens": spaces}
+        assert client.completions.create(**args, extra_body=extra).choices[0].text == kept
+
+
+def test_prompt_logprobs_are_the_engines_own(server, client):
+    body = COMPLETION | {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    response = requests.post(f"{server}/v1/completions", json=body | {"prompt_logprobs": 3}, timeout=60).json()
+    choice = response["choices"][0]
+    entries, echoed = choice["prompt_logprobs"], choice["logprobs"]
+    assert len(entries) == response["usage"]["prompt_tokens"] and entries[0] is None
+    assert all(len(top) <= 1 for top in echoed["top_logprobs"][1:])  # the echo keeps its own top-k
+    for pos, entry in enumerate(entries[1:], start=1):
+        token, logprob = echoed["tokens"][pos], echoed["token_logprobs"][pos]
+        chosen = next(e for e in entry.values() if e["decoded_token"] == token)
+        assert chosen["logprob"] == pytest.approx(logprob)
+        ranked = sorted(entry.values(), key=lambda e: e["rank"])
+        assert [e["rank"] for e in ranked[:3]] == [1, 2, 3] and 3 <= len(entry) <= 4
+        assert all(a["logprob"] >= b["logprob"] for a, b in zip(ranked, ranked[1:]))
+        assert chosen["rank"] == 1 + sum(e["logprob"] > chosen["logprob"] for e in entry.values()) or chosen["rank"] > 3
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    prompt_logprobs = chat.model_extra["prompt_logprobs"]
+    assert len(prompt_logprobs) == chat.usage.prompt_tokens and prompt_logprobs[0] is None
+    assert all(len(entry) == 1 and next(iter(entry.values()))["logprob"] <= 0 for entry in prompt_logprobs[1:])
+
+
+def test_max_completion_tokens_on_completions(client):
+    response = client.completions.create(model=MODEL, prompt="Hi", extra_body={"max_completion_tokens": 3, "ignore_eos": True})
+    assert response.usage.completion_tokens == 3
+
+
+def test_openai_fields_without_meaning_here_are_accepted(client):
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_completion_tokens=2,
+        store=False,
+        metadata={"run": "test"},
+        service_tier="auto",
+        parallel_tool_calls=False,
+        user="someone",
+    )
+    assert response.usage.completion_tokens <= 2
+
+
+def test_tokenize_and_detokenize_like_vllm(server, client, tokenizer):
+    def post(path: str, body: dict) -> dict:
+        response = requests.post(f"{server}/{path}", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    text = "Hello, world"
+    plain = post("tokenize", {"model": MODEL, "prompt": text})
+    assert plain == {"count": len(plain["tokens"]), "max_model_len": MAX_MODEL_LEN, "tokens": tokenizer.encode(text), "token_strs": None}
+    with_strs = post("tokenize", {"prompt": text, "add_special_tokens": False, "return_token_strs": True})
+    assert with_strs["token_strs"] == tokenizer.convert_ids_to_tokens(with_strs["tokens"])
+    assert post("detokenize", {"model": MODEL, "tokens": plain["tokens"]}) == {"prompt": text}
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = post("tokenize", {"model": MODEL, "messages": messages})
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert chat["count"] == answer.usage.prompt_tokens  # the tokens chat completions run
+    bare = post("tokenize", {"model": MODEL, "messages": messages, "add_generation_prompt": False})
+    assert bare["tokens"] == chat["tokens"][: bare["count"]] and bare["count"] < chat["count"]
+    assert post("detokenize", {"tokens": chat["tokens"]})["prompt"].startswith("<|im_start|>")
+
+
 # what is refused, and how
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
+STREAM = COMPLETION | {"stream": True}
 
 BAD_REQUESTS = [
-    # (case, path, body (dict, or raw bytes), status, param, words the message must contain)
+    # (case, path under /v1/ (or from the root), body (dict, or raw bytes), status, param, words the message must contain)
     ("empty prompt", "completions", COMPLETION | {"prompt": ""}, 400, "prompt", ["empty"]),
     ("no messages", "chat/completions", CHAT | {"messages": []}, 400, "messages", []),
     ("negative max_tokens", "completions", COMPLETION | {"max_tokens": -1}, 400, "max_tokens", []),
@@ -192,6 +322,30 @@ BAD_REQUESTS = [
     ("stream_options without stream", "completions", COMPLETION | {"stream_options": {"include_usage": True}}, 400, "stream_options", []),
     ("unknown model", "completions", COMPLETION | {"model": "gpt-5"}, 404, "model", ["gpt-5"]),
     ("unknown field", "completions", COMPLETION | {"best_of": 3}, 400, "best_of", ["best_of"]),
+    ("unknown chat field", "chat/completions", CHAT | {"guided_json": {}}, 400, "guided_json", ["guided_json"]),
+    ("logit_bias out of range", "completions", COMPLETION | {"logit_bias": {"5": 200}}, 400, "logit_bias", ["100"]),
+    ("logit_bias key not a token id", "chat/completions", CHAT | {"logit_bias": {"abc": 1}}, 400, "logit_bias", []),
+    ("logit_bias outside the vocabulary", "completions", COMPLETION | {"logit_bias": {"999999": 1}}, 400, "logit_bias", ["49152"]),
+    ("logit_bias not an object", "completions", COMPLETION | {"logit_bias": [1, 2]}, 400, "logit_bias", []),
+    ("negative min_tokens", "completions", COMPLETION | {"min_tokens": -1}, 400, "min_tokens", []),
+    ("min_tokens over max_tokens", "chat/completions", CHAT | {"min_tokens": 10}, 400, "min_tokens", ["max_tokens"]),
+    ("stop_token_ids not ids", "completions", COMPLETION | {"stop_token_ids": ["a"]}, 400, "stop_token_ids", []),
+    ("stop_token_ids outside the vocabulary", "chat/completions", CHAT | {"stop_token_ids": [10**6]}, 400, "stop_token_ids", []),
+    ("prompt_logprobs=50", "completions", COMPLETION | {"prompt_logprobs": 50}, 400, "prompt_logprobs", []),
+    ("prompt_logprobs with stream", "chat/completions", CHAT | {"prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs", ["stream"]),
+    ("skip_special_tokens not a bool", "completions", COMPLETION | {"skip_special_tokens": "no"}, 400, "skip_special_tokens", []),
+    ("continuous usage not bool", "completions", STREAM | {"stream_options": {"continuous_usage_stats": 1}}, 400, "stream_options", []),
+    ("unknown stream option", "completions", STREAM | {"stream_options": {"usage": True}}, 400, "stream_options", ["usage"]),
+    ("huge max_completion_tokens", "completions", COMPLETION | {"max_completion_tokens": 10**9}, 400, "max_completion_tokens", []),
+    ("store not a bool", "chat/completions", CHAT | {"store": "yes"}, 400, "store", []),
+    ("metadata not strings", "chat/completions", CHAT | {"metadata": {"a": 1}}, 400, "metadata", []),
+    ("tokenize: unknown model", "/tokenize", {"model": "gpt-5", "prompt": "x"}, 404, "model", ["gpt-5"]),
+    ("tokenize: unknown field", "/tokenize", {"model": MODEL, "prompt": "x", "truncate": 3}, 400, "truncate", ["truncate"]),
+    ("tokenize: no prompt", "/tokenize", {"model": MODEL}, 400, "prompt", []),
+    ("tokenize: empty messages", "/tokenize", {"model": MODEL, "messages": []}, 400, "messages", []),
+    ("detokenize: unknown model", "/detokenize", {"model": "gpt-5", "tokens": [1]}, 404, "model", ["gpt-5"]),
+    ("detokenize: ids outside the vocabulary", "/detokenize", {"model": MODEL, "tokens": [-1]}, 400, "tokens", ["49152"]),
+    ("detokenize: not ids", "/detokenize", {"model": MODEL, "tokens": "abc"}, 400, "tokens", []),
     ("wrong type", "completions", COMPLETION | {"max_tokens": "ten"}, 400, "max_tokens", []),
     ("wrong message type", "chat/completions", CHAT | {"messages": [{"role": "user", "content": 5}]}, 400, "messages", []),
     ("malformed JSON", "completions", b'{"model": "x", "prompt": ', 400, None, ["JSON"]),
@@ -204,7 +358,8 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("case, path, body, status, param, words", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_request_gets_openai_error(server, case, path, body, status, param, words):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = requests.post(f"{server}/v1/{path}", data=data, headers={"Content-Type": "application/json"}, timeout=60)
+    url = f"{server}{path}" if path.startswith("/") else f"{server}/v1/{path}"
+    response = requests.post(url, data=data, headers={"Content-Type": "application/json"}, timeout=60)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}

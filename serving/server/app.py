@@ -5,12 +5,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.metrics_core import Metric
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,10 +23,18 @@ from serving.metrics.export import merge, render
 from serving.server.auth import SCOPE_KEY, APIKeys, RequireAPIKey
 from serving.server.http_errors import APIError, internal_error
 from serving.server.openai_api import LLMBackend, OpenAIServing
-from serving.server.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serving.server.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 from serving.server.rate_limit import RateLimiter
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=BaseModel)
 
 PROBE_TIMEOUT_S = 10.0  # how long /health waits for an LLM replica to answer
 
@@ -59,6 +68,17 @@ def create_app(
     async def chat_completions(request: ChatCompletionRequest, http: Request) -> Response:
         return _respond(await serving.chat(request, getattr(http.state, SCOPE_KEY, None)))
 
+    @app.post("/tokenize")
+    async def tokenize(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        """vLLM's: `prompt`, or `messages` rendered with the chat template, to token ids."""
+        request = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+        return await serving.tokenize(_validate(request, body))
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's: token ids to text."""
+        return await serving.detokenize(request)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         """200 while the engine is alive and makes progress on the work it has, else 503."""
@@ -74,6 +94,14 @@ def create_app(
         return Response(render(families), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _validate(model: type[T], body: dict[str, Any]) -> T:
+    """`model` from a body read as a plain object, failing as FastAPI's own body validation does."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise RequestValidationError([e | {"loc": ("body", *e["loc"])} for e in error.errors()]) from None
 
 
 def _respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:

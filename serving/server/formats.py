@@ -5,7 +5,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from serving.engine.sequence import TokenLogprob
+from serving.engine.sequence import PromptLogprob, TokenLogprob
 from serving.server.http_errors import bad_request
 from serving.server.messages import ChoiceDelta, GenerationDelta
 from serving.tokenizer import Tokenizer
@@ -40,8 +40,10 @@ class ResponseFormat(ABC):
     object: str
     chunk_object: str
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_logprobs: int | None = None) -> None:
+        """`prompt_logprobs`: the top-k of vLLM's prompt_logprobs field, when the request asked for it."""
         self.tokenizer = tokenizer
+        self.prompt_logprobs = prompt_logprobs
 
     @abstractmethod
     def opening(self, index: int, prompt: Prompt, first: GenerationDelta) -> dict[str, Any] | None:
@@ -55,8 +57,31 @@ class ResponseFormat(ABC):
     def choice(self, index: int, prompt: Prompt, result: GenerationDelta, output: ChoiceDelta) -> dict[str, Any]:
         """A whole choice of a non-streaming response; `result` holds the request's prompt logprobs."""
 
+    def response_fields(self, prompts: list[Prompt], results: list[GenerationDelta]) -> dict[str, Any]:
+        """Fields of a non-streaming response beside its choices."""
+        return {}
+
     def token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def vllm_prompt_logprobs(self, prompt: Prompt, entries: list[PromptLogprob | None]) -> list[dict[int, dict[str, Any]] | None]:
+        """vLLM's layout: per prompt token, None for the first, else {token id: {logprob, rank, decoded_token}}
+        holding the prompt token and the top prompt_logprobs candidates."""
+        k = self.prompt_logprobs or 0
+        out: list[dict[int, dict[str, Any]] | None] = []
+        for token_id, entry in zip(prompt.token_ids, entries):
+            if entry is None:
+                out.append(None)
+                continue
+            logprob, top, rank = entry
+            candidates = {token_id: self._vllm_entry(token_id, logprob, rank)}
+            for r, (t, lp) in enumerate(list(top.items())[:k], start=1):
+                candidates.setdefault(t, self._vllm_entry(t, lp, r))
+            out.append(candidates)
+        return out
+
+    def _vllm_entry(self, token_id: int, logprob: float, rank: int) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank, "decoded_token": self.token(token_id)}
 
 
 class CompletionFormat(ResponseFormat):
@@ -64,15 +89,17 @@ class CompletionFormat(ResponseFormat):
     object = "text_completion"
     chunk_object = "text_completion"
 
-    def __init__(self, tokenizer: Tokenizer, echo: bool) -> None:
-        super().__init__(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, echo: bool, echo_logprobs: int | None, prompt_logprobs: int | None) -> None:
+        """`echo_logprobs`: the top-k of the echoed prompt's legacy logprobs (the request's logprobs, with echo)."""
+        super().__init__(tokenizer, prompt_logprobs)
         self.echo = echo
+        self.echo_logprobs = echo_logprobs
         self.offsets: dict[int, int] = {}  # choice index -> characters covered by logprobs so far
 
     def opening(self, index: int, prompt: Prompt, first: GenerationDelta) -> dict[str, Any] | None:
         if not self.echo:
             return None
-        logprobs = None if first.prompt_logprobs is None else self._logprobs(index, prompt.token_ids, first.prompt_logprobs)
+        logprobs = None if self.echo_logprobs is None else self._echo_logprobs(index, prompt, first)
         return {"index": index, "text": self._prompt_text(prompt), "logprobs": logprobs, "finish_reason": None}
 
     def chunk_choice(self, index: int, delta: ChoiceDelta) -> dict[str, Any]:
@@ -81,13 +108,22 @@ class CompletionFormat(ResponseFormat):
 
     def choice(self, index: int, prompt: Prompt, result: GenerationDelta, output: ChoiceDelta) -> dict[str, Any]:
         parts = []
-        if self.echo and result.prompt_logprobs is not None:
-            parts.append(self._logprobs(index, prompt.token_ids, result.prompt_logprobs))
+        if self.echo and self.echo_logprobs is not None:
+            parts.append(self._echo_logprobs(index, prompt, result))
         if output.logprobs is not None:
             parts.append(self._logprobs(index, output.token_ids, output.logprobs))
         logprobs = {key: [v for part in parts for v in part[key]] for key in parts[0]} if parts else None
         text = (self._prompt_text(prompt) if self.echo else "") + output.text
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": output.finish_reason}
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": output.finish_reason}
+        if self.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self.vllm_prompt_logprobs(prompt, result.prompt_logprobs or [])
+        return choice
+
+    def _echo_logprobs(self, index: int, prompt: Prompt, result: GenerationDelta) -> dict[str, list[Any]]:
+        """The prompt's legacy logprobs, with the echo's top-k (the engine may have computed more for prompt_logprobs)."""
+        k = self.echo_logprobs or 0
+        entries = [None if e is None else (e[0], dict(list(e[1].items())[:k])) for e in result.prompt_logprobs or []]
+        return self._logprobs(index, prompt.token_ids, entries)
 
     def _prompt_text(self, prompt: Prompt) -> str:
         return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
@@ -112,6 +148,12 @@ class ChatFormat(ResponseFormat):
     id_prefix = "chatcmpl"
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
+
+    def response_fields(self, prompts: list[Prompt], results: list[GenerationDelta]) -> dict[str, Any]:
+        """vLLM puts a chat request's prompt logprobs beside its choices: the choices share one prompt."""
+        if self.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": self.vllm_prompt_logprobs(prompts[0], results[0].prompt_logprobs or [])}
 
     def opening(self, index: int, prompt: Prompt, first: GenerationDelta) -> dict[str, Any] | None:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}

@@ -31,7 +31,10 @@ from serving.server.openai_protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    DetokenizeRequest,
     SamplingRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
 )
 from serving.server.rate_limit import RateLimiter
 from serving.server.streams import close_all, gather_or_cancel, merge
@@ -41,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 # request fields that map one to one onto SamplingParams; None means "the engine's default"
 _SAMPLING_FIELDS = (
-    "n", "max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop",
-    "top_k", "min_p", "repetition_penalty", "ignore_eos",
+    "n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop",
+    "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
+    "include_stop_str_in_output", "skip_special_tokens",
 )  # fmt: skip
 
 
@@ -73,7 +77,8 @@ class _Job:
     params: SamplingParams
     format: ResponseFormat
     stream: bool
-    include_usage: bool
+    include_usage: bool  # a last chunk with the request's usage
+    continuous_usage: bool  # every chunk with the usage so far
     param_names: Mapping[str, str]  # engine parameter names to this endpoint's names
     api_key: str | None  # the caller's key id when keys are required: rate limits apply to it
 
@@ -94,8 +99,12 @@ class OpenAIServing:
         info = await self._model(request.model)
         if request.suffix is not None:
             raise bad_request("suffix is not supported", "suffix")
-        with _engine_errors({}):
-            params = self._params(request, logprobs=request.logprobs, prompt_logprobs=request.logprobs if request.echo else None)
+        # echo with logprobs needs the prompt's logprobs too: the engine computes the larger top-k of the two
+        echoed = request.logprobs if request.echo else None
+        asked = [k for k in (echoed, request.prompt_logprobs) if k is not None]
+        names = _max_tokens_name(request)
+        with _engine_errors(names):
+            params = self._params(request, logprobs=request.logprobs, prompt_logprobs=max(asked) if asked else None)
         prompts = completion_prompts(request.prompt)
         if len(prompts) * params.n > self.limits.max_n:
             raise bad_request(f"prompts times n must be at most {self.limits.max_n}", "prompt")
@@ -104,26 +113,47 @@ class OpenAIServing:
                 prompt.token_ids = info.tokenizer.encode(prompt.text)
             with _engine_errors({}):
                 limit_prompt(prompt.token_ids, self.limits)
-        fmt = CompletionFormat(info.tokenizer, request.echo)
-        return await self._run(_Job(info.name, prompts, params, fmt, request.stream, _include_usage(request), {}, api_key))
+        fmt = CompletionFormat(info.tokenizer, request.echo, echoed, request.prompt_logprobs)
+        return await self._run(_Job(info.name, prompts, params, fmt, request.stream, *_usage_options(request), names, api_key))
 
     async def chat(self, request: ChatCompletionRequest, api_key: str | None = None) -> dict[str, Any] | AsyncIterator[str]:
         info = await self._model(request.model)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        max_tokens_name = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
-        names = {"prompt": "messages", "logprobs": "top_logprobs", "max_tokens": max_tokens_name}
+        names = {"prompt": "messages", "logprobs": "top_logprobs"} | _max_tokens_name(request)
         with _engine_errors(names):
             limit_messages(len(request.messages), self.limits)
             params = self._params(
                 request,
-                max_tokens=request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens,
                 logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+                prompt_logprobs=request.prompt_logprobs,
             )
             prompt = _chat_prompt(request.messages, info.tokenizer)
             limit_prompt(prompt.token_ids, self.limits)
-        fmt = ChatFormat(info.tokenizer)
-        return await self._run(_Job(info.name, [prompt], params, fmt, request.stream, _include_usage(request), names, api_key))
+        fmt = ChatFormat(info.tokenizer, request.prompt_logprobs)
+        return await self._run(_Job(info.name, [prompt], params, fmt, request.stream, *_usage_options(request), names, api_key))
+
+    async def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> dict[str, Any]:
+        """vLLM's /tokenize: the token ids of a prompt, or of messages rendered as /v1/chat/completions renders them."""
+        info = await self._optional_model(request.model)
+        if isinstance(request, TokenizeCompletionRequest):
+            ids = info.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        else:
+            with _engine_errors({}):
+                limit_messages(len(request.messages), self.limits)
+                ids = chat_prompt_ids(
+                    info.tokenizer, _conversation(request.messages), request.add_generation_prompt, request.add_special_tokens
+                )
+        strings = info.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+        return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids, "token_strs": strings}
+
+    async def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's /detokenize: the text of token ids, special tokens included."""
+        info = await self._optional_model(request.model)
+        vocab = info.tokenizer.vocab_size
+        if not all(0 <= t < vocab for t in request.tokens):
+            raise bad_request(f"tokens must be token ids in [0, {vocab})", "tokens")
+        return {"prompt": info.tokenizer.decode(request.tokens, skip_special_tokens=False)}
 
     async def _model(self, name: str) -> ModelInfo:
         info = await self.backend.model_info()
@@ -131,12 +161,23 @@ class OpenAIServing:
             raise model_not_found(name)
         return info
 
+    async def _optional_model(self, name: str | None) -> ModelInfo:
+        """vLLM's tokenizer endpoints let the model be left out; one that is given must be the served one."""
+        return await self.backend.model_info() if name is None else await self._model(name)
+
     def _params(self, request: SamplingRequest, **overrides: Any) -> SamplingParams:
         if request.stream_options is not None and not request.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+        if request.stream and request.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not available with stream: true", "prompt_logprobs")
         if request.n is not None and request.n > self.limits.max_n:
             raise bad_request(f"n must be at most {self.limits.max_n}", "n")
         fields = {name: value for name in _SAMPLING_FIELDS if (value := getattr(request, name)) is not None} | overrides
+        max_tokens = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
+        if max_tokens is not None:
+            fields["max_tokens"] = max_tokens
+        if request.logit_bias is not None:
+            fields["logit_bias"] = _logit_bias(request.logit_bias)
         params = SamplingParams(**fields)
         limit_sampling(params, self.limits, max_tokens_given=fields.get("max_tokens") is not None)
         return params
@@ -166,6 +207,7 @@ class OpenAIServing:
         fmt, n = job.format, job.params.n
         choices = [fmt.choice(i * n + c.index, job.prompts[i], result, c) for i, result in enumerate(results) for c in result.choices]
         body = {"id": request_id, "object": fmt.object, "created": int(time.time()), "model": job.model, "choices": choices}
+        body |= fmt.response_fields(job.prompts, results)
         completion_tokens = sum(len(c.token_ids) for result in results for c in result.choices)
         return body | {"usage": _usage(sum(r.num_prompt_tokens for r in results), completion_tokens)}
 
@@ -176,20 +218,26 @@ class OpenAIServing:
         head = {"id": request_id, "object": fmt.chunk_object, "created": int(time.time()), "model": job.model}
         if job.include_usage:
             head["usage"] = None
+        prompt_tokens = sum(f.num_prompt_tokens for f in firsts)
         completion_tokens = 0
+
+        def chunk(choices: list[dict[str, Any]]) -> str:
+            if job.continuous_usage:
+                return _event(head | {"choices": choices, "usage": _usage(prompt_tokens, completion_tokens)})
+            return _event(head | {"choices": choices})
+
         try:
             for i, first in enumerate(firsts):
                 for index in range(n):
                     if (opening := fmt.opening(i * n + index, job.prompts[i], first)) is not None:
-                        yield _event(head | {"choices": [opening]})
+                        yield chunk([opening])
             async with aclosing(merge(streams, firsts)) as merged:
                 async for i, delta in merged:
                     for c in delta.choices:
                         completion_tokens += len(c.token_ids)
-                        yield _event(head | {"choices": [fmt.chunk_choice(i * n + c.index, c)]})
+                        yield chunk([fmt.chunk_choice(i * n + c.index, c)])
             if job.include_usage:
-                usage = _usage(sum(f.num_prompt_tokens for f in firsts), completion_tokens)
-                yield _event(head | {"choices": [], "usage": usage})
+                yield _event(head | {"choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
             yield "data: [DONE]\n\n"
         except Exception as error:  # the response has started: report the error as the last event
             api_error = _api_error(error, job.param_names)
@@ -206,22 +254,51 @@ class OpenAIServing:
 
 
 def _chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer) -> Prompt:
+    return Prompt(chat_prompt_ids(tokenizer, _conversation(messages)), None)
+
+
+def _conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
     conversation = []
     for m in messages:
         turn = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         conversation.append(turn | ({"name": m.name} if m.name else {}))
-    return Prompt(chat_prompt_ids(tokenizer, conversation), None)
+    return conversation
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, conversation: list[dict[str, str]]) -> list[int]:
-    """The conversation rendered with the model's chat template, encoded; a template that writes BOS gets no second one."""
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
-    bos = tokenizer.bos_token
-    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+def chat_prompt_ids(
+    tokenizer: Tokenizer,
+    conversation: list[dict[str, str]],
+    add_generation_prompt: bool = True,
+    add_special_tokens: bool | None = None,
+) -> list[int]:
+    """The conversation rendered with the model's chat template, encoded. With `add_special_tokens` None,
+    as chat completions run it: a template that writes BOS gets no second one."""
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+    if add_special_tokens is None:
+        bos = tokenizer.bos_token
+        add_special_tokens = not (bos and text.startswith(bos))
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
-def _include_usage(request: SamplingRequest) -> bool:
-    return request.stream_options is not None and request.stream_options.include_usage
+def _usage_options(request: SamplingRequest) -> tuple[bool, bool]:
+    """(a last chunk with the usage, the usage so far in every chunk); continuous_usage_stats implies the first."""
+    options = request.stream_options
+    if options is None:
+        return False, False
+    return options.include_usage or options.continuous_usage_stats, options.continuous_usage_stats
+
+
+def _max_tokens_name(request: SamplingRequest) -> dict[str, str]:
+    """Errors about max_tokens name the field the request used."""
+    return {} if request.max_completion_tokens is None else {"max_tokens": "max_completion_tokens"}
+
+
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as JSON strings."""
+    try:
+        return {int(token): value for token, value in bias.items()}
+    except ValueError:
+        raise bad_request("logit_bias keys must be token ids (integers written as strings)", "logit_bias") from None
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
