@@ -3,7 +3,8 @@
 - `properties.llm` of helm/llm-cluster/values.schema.json: LLMConfig's JSON schema. The rest of the
   schema (the chart's own values) is edited by hand; this replaces only `properties.llm`.
 - helm/llm-cluster/files/project-defaults.yaml: the defaults the templates need before the
-  application validates its arguments (the API port and application name, the parallel layout)
+  application validates its arguments (the API port and application name, the replicas' drain timeout,
+  the parallel layout)
   and the Serve controller's environment (SERVE_CONTROLLER_ENV of serving/server/deployments.py).
 
 `--check` changes nothing and exits 1 when either committed file is out of date (the whole schema
@@ -71,7 +72,11 @@ def render_schema(current: dict[str, Any]) -> str:
 def render_defaults() -> str:
     config = LLMConfig()
     defaults = {
-        "server": {"port": config.server.port, "app_name": config.server.app_name},
+        "server": {
+            "port": config.server.port,
+            "app_name": config.server.app_name,
+            "drain_timeout_s": config.server.autoscaling.drain_timeout_s,
+        },
         "parallel": {"tensor_parallel": config.parallel.tensor_parallel, "pipeline_parallel": config.parallel.pipeline_parallel},
         "serve_controller_env": SERVE_CONTROLLER_ENV,
     }

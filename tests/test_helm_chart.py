@@ -21,34 +21,27 @@ from ray.serve.schema import ServeDeploySchema
 from serving.config import LLMConfig, ServerConfig
 from serving.server.deployments import SERVE_CONTROLLER_ENV
 from serving.server.replica_resources import replica_actor_options
-from tests.chart import CHART, EXAMPLES, ROOT, crd_schemas, helm, render, render_error, serve_config, values_file
+from tests.chart import (
+    CHART,
+    EXAMPLES,
+    PROMETHEUS,
+    ROOT,
+    crd_schemas,
+    helm,
+    pod_templates,
+    render,
+    render_all,
+    render_error,
+    serve_config,
+    values_file,
+)
 
 CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/")
-OBJECT_STORE = {
-    "model": {"type": "objectStore", "objectStore": {"uri": "s3://models/llama-3.1-8b", "credentialsSecret": "s3-creds"}},
-    "modelCache": {"type": "pvc", "pvc": {"existingClaim": "shared-cache"}},
-    "llm": {"parallel": {"tensor_parallel": 1}},
-}
-PROMETHEUS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
-EVERYTHING_ON = {
-    "api": {"ingress": {"enabled": True}, "apiKeys": {"existingSecret": "keys"}},
-    "llm": {"server": {"port": 9000, "app_name": "chat"}},
-    "monitoring": {name: {"enabled": True} for name in ("podMonitor", "prometheusRule", "grafanaDashboard")},
-    "networkPolicy": {"metricsFrom": PROMETHEUS, "apiFrom": [{"podSelector": {"matchLabels": {"role": "gateway"}}}]},
-    "gcsFaultTolerance": {"enabled": True, "redisAddress": "redis:6379"},
-    "modelCache": {"type": "pvc"},
-}
 
 
 @pytest.fixture(scope="module")
 def renders(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
-    """Every configuration the tests look at: defaults, each example, and two that switch the rest on."""
-    tmp = tmp_path_factory.mktemp("values")
-    out = {"default": render()}
-    out.update({path.stem: render(path) for path in EXAMPLES})
-    out["object-store"] = render(values_file(tmp, OBJECT_STORE, "object-store.yaml"))
-    out["everything-on"] = render(values_file(tmp, EVERYTHING_ON, "everything-on.yaml"))
-    return out
+    return render_all(tmp_path_factory.mktemp("values"))
 
 
 def test_examples_exist():
@@ -71,7 +64,7 @@ def test_builtin_objects_pass_kubernetes_validate(renders, version):
             kinds.add(obj["kind"])
             _k8s_validate(obj, version, f"{name}: {obj['kind']} {obj['metadata']['name']}")
         # the Ray pods are built-in objects too, inside the RayService
-        for i, template in enumerate(_pod_templates(objects)):
+        for i, template in enumerate(pod_templates(objects)):
             pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"ray-{i}", **template["metadata"]}, "spec": template["spec"]}
             _k8s_validate(pod, version, f"{name}: Ray pod template {i}")
     assert kinds == {"NetworkPolicy", "PodDisruptionBudget", "Pod", "Ingress", "ConfigMap", "PersistentVolumeClaim"}
@@ -111,7 +104,7 @@ def test_the_api_port_and_name_default_to_the_project_and_follow_llm_server(rend
         assert (config["http_options"]["port"], config["applications"][0]["name"]) == (port, app_name), name
         (service,) = [o for o in renders[name] if o["kind"] == "RayService"]
         assert service["spec"]["serveService"]["spec"]["ports"][0]["targetPort"] == port
-        for template in _pod_templates(renders[name]):
+        for template in pod_templates(renders[name]):
             assert {"name": "serve", "containerPort": port} in template["spec"]["containers"][0]["ports"]
         (policy,) = [o for o in renders[name] if o["kind"] == "NetworkPolicy"]
         assert [p["port"] for p in policy["spec"]["ingress"][1]["ports"]] == [port]
@@ -121,7 +114,7 @@ def test_kuberay_probes_are_left_in_place(renders):
     """No probes of the chart's own: KubeRay's worker readiness probe includes the Serve proxy's health
     (/-/healthz on the port named serve), which an override would drop; the image has the wget it runs."""
     for name, objects in renders.items():
-        for template in _pod_templates(objects):
+        for template in pod_templates(objects):
             for container in template["spec"]["containers"]:
                 assert not {"startupProbe", "readinessProbe", "livenessProbe"} & set(container), name
     assert re.search(r"apt-get install [^\n]*\bwget\b", (ROOT / "docker" / "Dockerfile").read_text())
@@ -136,7 +129,7 @@ def test_an_api_key_secret_turns_the_key_check_on(renders):
         assert auth(name) == {"require_api_key": True}, name
         args = serve_config(renders[name])["applications"][0]["args"]
         assert LLMConfig.model_validate(args).server.auth.require_api_key
-        env = {e["name"]: e for e in _pod_templates(renders[name])[1]["spec"]["containers"][0]["env"]}
+        env = {e["name"]: e for e in pod_templates(renders[name])[1]["spec"]["containers"][0]["env"]}
         assert "LLMCLUSTER_API_KEYS" in env
 
 
@@ -168,7 +161,7 @@ def test_llm_values_become_the_application_args(renders):
     }
     # replicas reserve a CPU, so they stay off the head (num-cpus 0); a TP x PP replica is a driver that needs
     # no GPU, a one-GPU replica asks for its GPU; with the autoscaler on, parallel workers wait for new pods
-    assert "deployments" not in big
+    assert big["deployments"] == [{"name": "APIIngress", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}]
     assert replica_actor_options(LLMConfig.model_validate(big["args"])) == {"num_cpus": 1}
     assert LLMConfig.model_validate(big["args"]).parallel.cluster_autoscales
     default_app = serve_config(renders["default"])["applications"][0]
@@ -187,7 +180,7 @@ def test_every_tensor_parallel_group_fits_a_worker_pod(renders):
 
 def test_containers_have_limits_and_run_as_non_root(renders):
     for name, objects in renders.items():
-        pods = [o["spec"] for o in objects if o["kind"] == "Pod"] + [t["spec"] for t in _pod_templates(objects)]
+        pods = [o["spec"] for o in objects if o["kind"] == "Pod"] + [t["spec"] for t in pod_templates(objects)]
         for spec in pods:
             assert spec["securityContext"]["runAsNonRoot"] is True, name
             for container in spec["containers"] + spec.get("initContainers", []):
@@ -205,7 +198,7 @@ def test_only_the_api_is_exposed(renders):
         cluster = service["spec"]["rayClusterConfig"]
         assert cluster["authOptions"] == {"mode": "token"}
         assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
-        assert [p["name"] for p in service["spec"]["serveService"]["spec"]["ports"]] == ["http"]
+        assert [p["name"] for p in service["spec"]["serveService"]["spec"]["ports"]] == ["serve"]
         (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
         open_rules = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
         port = serve_config(objects)["http_options"]["port"]
@@ -213,19 +206,19 @@ def test_only_the_api_is_exposed(renders):
         assert [[p["port"] for p in rule["ports"]] for rule in open_rules] == expected, name
     ingresses = [o for o in renders["everything-on"] if o["kind"] == "Ingress"]
     backend = ingresses[0]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend == {"name": "llm-llm-cluster-api", "port": {"name": "http"}}
+    assert backend == {"name": "llm-llm-cluster-api", "port": {"name": "serve"}}
 
 
 def test_model_sources_reach_the_worker_pods(renders):
-    workers = _pod_templates(renders["object-store"])[1:]
+    workers = pod_templates(renders["object-store"])[1:]
     init = workers[0]["spec"]["initContainers"][0]
     source = serve_config(renders["object-store"])["applications"][0]["args"]["model"]["source"]
     assert init["args"][-2:] == [":s3:models/llama-3.1-8b", source]
     assert init["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
     assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "shared-cache"}} in workers[0]["spec"]["volumes"]
-    big = _pod_templates(renders["llama-70b-tp8-pp2"])[1]["spec"]
+    big = pod_templates(renders["llama-70b-tp8-pp2"])[1]["spec"]
     assert {"name": "model", "persistentVolumeClaim": {"claimName": "llama-weights", "readOnly": True}} in big["volumes"]
-    env = {e["name"]: e for e in _pod_templates(renders["llama-8b-tp2"])[1]["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e for e in pod_templates(renders["llama-8b-tp2"])[1]["spec"]["containers"][0]["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     assert env["LLMCLUSTER_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "llm-api-keys", "key": "api-keys"}
 
@@ -240,7 +233,7 @@ def test_monitoring_objects_carry_the_shared_files(renders):
     # one target per pod: Ray's metrics and the node's llmcluster_* metrics, on the port the application is given
     pod_monitor = objects["PodMonitor"]["spec"]
     assert [e["port"] for e in pod_monitor["podMetricsEndpoints"]] == ["metrics", "llm-metrics"]
-    ports = {p["name"]: p["containerPort"] for p in _pod_templates(renders["everything-on"])[1]["spec"]["containers"][0]["ports"]}
+    ports = {p["name"]: p["containerPort"] for p in pod_templates(renders["everything-on"])[1]["spec"]["containers"][0]["ports"]}
     args = serve_config(renders["everything-on"])["applications"][0]["args"]
     assert ports["llm-metrics"] == args["server"]["metrics_port"] == 9450 and ports["metrics"] == 8080
     # never the API's /metrics: every pod answers it with the whole cluster's series
@@ -326,13 +319,6 @@ def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
     for key, value in change.items():
         out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
     return out
-
-
-def _pod_templates(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The head's pod template, then each worker group's."""
-    (service,) = [o for o in objects if o["kind"] == "RayService"]
-    cluster = service["spec"]["rayClusterConfig"]
-    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
 
 
 def _k8s_validate(obj: dict[str, Any], version: str, what: str) -> None:

@@ -249,7 +249,10 @@ def dashboard_queries() -> list[str]:
     panels = json.loads(DASHBOARD.read_text())["panels"]
     exprs = [target["expr"] for panel in panels for target in panel.get("targets", [])]
     assert len(exprs) > 20
-    return [expr.replace("$__rate_interval", "1m").replace("$model", ".*") for expr in exprs]
+    variables = {"$__rate_interval": "1m", "$model": ".*", "$namespace": ".*", "$release": ".*"}  # Grafana's "All"
+    for name, value in variables.items():
+        exprs = [expr.replace(name, value) for expr in exprs]
+    return exprs
 
 
 def alert_signals() -> list[str]:

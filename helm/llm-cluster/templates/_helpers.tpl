@@ -26,8 +26,11 @@ app.kubernetes.io/name: {{ include "llm-cluster.name" . }}-test
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* part-of is the chart's own name whatever nameOverride says: `llmcluster status --kubernetes` finds the
+     RayService by it. */}}
 {{- define "llm-cluster.commonLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/part-of: {{ .Chart.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
@@ -108,6 +111,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       name: {{ .Values.model.huggingface.tokenSecret.name }}
       key: {{ .Values.model.huggingface.tokenSecret.key }}
 {{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* A Kubernetes quantity (512Mi, 48Gi, 1.5G, 1000000) in bytes, as an integer. */}}
+{{- define "llm-cluster.bytes" -}}
+{{- $q := toString . }}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- $unit := trimPrefix $number $q }}
+{{- if or (not $number) (not (hasKey $units $unit)) }}
+{{- fail (printf "%q is not a memory or storage quantity this chart reads (like 512Mi, 48Gi or 1G)" $q) }}
+{{- end }}
+{{- mulf (float64 $number) (get $units $unit) | floor | int64 }}
 {{- end }}
 
 {{/* KubeRay finds the Serve proxy by the port named "serve": its default worker readiness probe checks the

@@ -32,7 +32,39 @@
 {{- fail "llm.server.auth.require_api_key: no keys to accept; set api.apiKeys.existingSecret (a Secret with comma-separated keys)" }}
 {{- end }}
 {{- if and .Values.gcsFaultTolerance.enabled (not .Values.gcsFaultTolerance.redisAddress) }}
-{{- fail "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (host:port of an external Redis)" }}
+{{- fail "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (host:port of an external Redis, or redis:// / rediss:// URL)" }}
+{{- end }}
+{{- /* One replica is pipeline_parallel stages of tensor_parallel GPUs, each stage inside one pod: the GPU groups
+     at their maxReplicas must hold min_replicas replicas' stages. */}}
+{{- $pp := int ($parallel.pipeline_parallel | default $defaults.parallel.pipeline_parallel) }}
+{{- $replicas := int ((((.Values.llm | default dict).server | default dict).min_replicas) | default 1) }}
+{{- $slots := 0 }}
+{{- $gpuGroups := 0 }}
+{{- range .Values.workerGroups }}
+{{- if gt (int .gpus) 0 }}
+{{- $gpuGroups = add1 $gpuGroups }}
+{{- $slots = add $slots (mul (div (int .gpus) $tp) (int .maxReplicas)) }}
+{{- end }}
+{{- end }}
+{{- if and $gpuGroups (lt (int $slots) (mul $pp $replicas)) }}
+{{- fail (printf "the GPU worker groups hold %d stage(s) of tensor_parallel=%d GPUs at their maxReplicas; llm.server.min_replicas=%d replica(s) of pipeline_parallel=%d need %d: raise workerGroups[].maxReplicas or gpus" (int $slots) $tp $replicas $pp (mul $pp $replicas)) }}
+{{- end }}
+{{- range .Values.workerGroups }}
+{{- if and (not (kindIs "invalid" .minAvailable)) (ge (int .minAvailable) (int .minReplicas)) (gt (int .minAvailable) 0) }}
+{{- fail (printf "workerGroups %q: minAvailable (%d) must stay below minReplicas (%d), or the PodDisruptionBudget blocks every node drain" .name (int .minAvailable) (int .minReplicas)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Seconds KubeRay keeps the old RayCluster after moving traffic to a new one: upgrade.clusterDeletionDelaySeconds,
+     else the replicas' drain timeout (llm.server.autoscaling.drain_timeout_s) plus a minute, so streams finish. */}}
+{{- define "llm-cluster.clusterDeletionDelay" -}}
+{{- if not (kindIs "invalid" .Values.upgrade.clusterDeletionDelaySeconds) }}
+{{- .Values.upgrade.clusterDeletionDelaySeconds }}
+{{- else }}
+{{- $defaults := include "llm-cluster.projectDefaults" . | fromYaml }}
+{{- $autoscaling := (((.Values.llm | default dict).server | default dict).autoscaling | default dict) }}
+{{- add (ceil ($autoscaling.drain_timeout_s | default $defaults.server.drain_timeout_s) | int) 60 }}
 {{- end }}
 {{- end }}
 
@@ -88,4 +120,11 @@ applications:
     import_path: serving.server.deployments:build_app
     args:
       {{- include "llm-cluster.llmArgs" . | nindent 6 }}
+    # The HTTP API replicas reserve CPU, so they run on worker pods (the head has num-cpus 0), and there are
+    # api.replicas of them.
+    deployments:
+      - name: APIIngress
+        num_replicas: {{ .Values.api.replicas }}
+        ray_actor_options:
+          num_cpus: {{ .Values.api.cpus }}
 {{- end }}
