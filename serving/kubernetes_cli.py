@@ -24,7 +24,8 @@ def add_preflight_command(commands: argparse._SubParsersAction) -> None:
     summary = "Check that a Kubernetes cluster can run the Helm chart with this model and layout"
     parser = commands.add_parser(
         "preflight", help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=f"{summary}.\n\nAgainst the current kubeconfig: are the KubeRay CRDs installed, do nodes have enough GPUs\n"
+        description=f"{summary}.\n\nAgainst the current kubeconfig: are the KubeRay CRDs installed with every field the chart sets\n"
+        "(an older operator's API server drops what its CRD lacks), do nodes have enough GPUs\n"
         "for one tensor-parallel group, and do the weights plus one full-length sequence's KV cache fit\n"
         "in the GPUs of a replica? The model's figures come from its config.json (--model FOLDER,\n"
         "--model-config FILE, or a Hub repo id) or from the explicit figures below. Exit status 1 on FAIL.",

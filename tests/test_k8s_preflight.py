@@ -10,10 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 from kubernetes.client import (
-    V1CustomResourceDefinition,
-    V1CustomResourceDefinitionNames,
-    V1CustomResourceDefinitionSpec,
-    V1CustomResourceDefinitionVersion,
     V1Node,
     V1NodeCondition,
     V1NodeSpec,
@@ -23,9 +19,9 @@ from kubernetes.client import (
 from safetensors import safe_open
 
 from cluster.k8s.fit import GIB, GPUNode, ModelShape, check_fit
-from cluster.k8s.preflight import Preflight, crd_problems, format_report
+from cluster.k8s.preflight import CHART_FIELDS, Preflight, crd_problems, format_report
 from serving.cli import main
-from tests.chart import CRDS
+from tests.chart import crd, rayservice, render_all, v1_schema
 
 H100_MIB = "81559"  # what GPU Feature Discovery reports for an H100 80GB HBM3
 LLAMA_70B = {  # Llama 3.1 70B's config.json figures
@@ -125,18 +121,20 @@ def test_no_gpu_nodes_and_unknown_memory(tmp_path):
     assert report.fits and report.gpu_memory_bytes == 16 * GIB and report.max_full_sequences > 0
 
 
-def kuberay_crd(file: str, served: bool = True) -> V1CustomResourceDefinition:
-    """The client object for a CRD of shared/kuberay-crds (its versions and names; the schema left out)."""
-    crd = yaml.load((CRDS / file).read_text(), Loader=yaml.CSafeLoader)
-    spec = crd["spec"]
-    versions = [
-        V1CustomResourceDefinitionVersion(name=v["name"], served=v["served"] and served, storage=v["storage"]) for v in spec["versions"]
-    ]
-    names = V1CustomResourceDefinitionNames(kind=spec["names"]["kind"], plural=spec["names"]["plural"])
-    return V1CustomResourceDefinition(
-        metadata=V1ObjectMeta(name=crd["metadata"]["name"]),
-        spec=V1CustomResourceDefinitionSpec(group=spec["group"], names=names, scope=spec["scope"], versions=versions),
-    )
+def kuberay_crd(file: str, served: bool = True) -> dict:
+    """A CRD of the KubeRay 1.7 release as the API server returns it (tests.chart.crd)."""
+    found = crd(file)
+    for version in found["spec"]["versions"]:
+        version["served"] = version["served"] and served
+    return found
+
+
+def kuberay_1_5_rayservice_crd() -> dict:
+    """What the chart meets on KubeRay 1.5: its RayService CRD has no authOptions (new in 1.6). Made from the 1.7
+    CRD by removing that field, the one of the chart's fields 1.5 lacks that matters most (token auth)."""
+    found = kuberay_crd("ray.io_rayservices.yaml")
+    del v1_schema(found)["properties"]["spec"]["properties"]["rayClusterConfig"]["properties"]["authOptions"]
+    return found
 
 
 def test_kuberay_crds_and_the_report_verdict(tmp_path):
@@ -144,16 +142,46 @@ def test_kuberay_crds_and_the_report_verdict(tmp_path):
     assert crd_problems(installed) == []
     problems = crd_problems({"rayservices.ray.io": None, "rayclusters.ray.io": kuberay_crd("ray.io_rayclusters.yaml", served=False)})
     assert problems == [
-        "CRD rayservices.ray.io is not installed: install the KubeRay operator first (chart README)",
+        "CRD rayservices.ray.io is not installed: install the KubeRay operator 1.7 first (chart README)",
         "CRD rayclusters.ray.io does not serve v1: upgrade the KubeRay operator to 1.7",
     ]
     nodes = [GPUNode.from_node(node(f"gpu-{i}", 8)) for i in range(2)]
     fit = check_fit(shape_of(LLAMA_70B, tmp_path), nodes, 8, 2, 2, 32768)
     report = format_report(Preflight([], nodes, fit))
+    assert "KubeRay CRDs: installed (ray.io/v1, every field the chart sets)" in report
     assert "gpu-0: 8 x NVIDIA-H100-80GB-HBM3 (80 GiB each)" in report
     assert report.endswith("Verdict: PASS")
     failed = format_report(Preflight(problems, nodes, fit))
     assert "KubeRay CRDs: MISSING" in failed and failed.endswith("Verdict: FAIL")
+
+
+def test_an_older_operator_that_would_drop_token_auth_fails():
+    crds = {"rayservices.ray.io": kuberay_1_5_rayservice_crd(), "rayclusters.ray.io": kuberay_crd("ray.io_rayclusters.yaml")}
+    assert crd_problems(crds) == [
+        "CRD rayservices.ray.io has no spec.rayClusterConfig.authOptions.mode, which the chart sets (the API server would "
+        "drop it): upgrade the KubeRay operator and its CRDs to 1.7"
+    ]
+
+
+def test_preflight_knows_every_field_the_chart_sets(tmp_path):
+    """CHART_FIELDS is exactly the RayService fields of every rendered configuration, down to Kubernetes' own types."""
+    rendered: set[str] = set()
+    for objects in render_all(tmp_path).values():
+        rendered |= _paths(rayservice(objects)["spec"], "spec")
+    assert rendered == set(CHART_FIELDS)
+
+
+_KUBERNETES_TYPES = {"template", "serveService", "resources", "securityContext", "volumeMounts", "redisPassword", "rayStartParams"}
+
+
+def _paths(value: object, path: str) -> set[str]:
+    if path.rsplit(".", 1)[-1] in _KUBERNETES_TYPES:
+        return {path}
+    if isinstance(value, list):
+        return set().union(*(_paths(item, path + "[]") for item in value))
+    if isinstance(value, dict):
+        return set().union(*(_paths(item, f"{path}.{key}") for key, item in value.items()))
+    return {path}
 
 
 def test_cli_needs_all_explicit_figures_and_a_readable_kubeconfig_error(tmp_path, capsys):
