@@ -6,8 +6,8 @@ from __future__ import annotations
 import jsonschema
 from kubernetes.client import V1ContainerState, V1ContainerStateWaiting, V1ContainerStatus, V1ObjectMeta, V1Pod, V1PodSpec, V1PodStatus
 
-from cluster.k8s.status import format_status
-from tests.chart import crd_schemas
+from cluster.k8s.status import CHART_SELECTOR, format_status
+from tests.chart import crd_schemas, rayservice, render, values_file
 
 CLUSTER = "llm-llm-cluster-w8xkq"
 
@@ -91,3 +91,10 @@ def test_starting_service_says_what_it_waits_for():
     assert "Serve application llm: DEPLOYING (Deploying app 'llm'. Waiting for LLMDeployment to be ready.)" in report
     assert "LLMDeployment: UPDATING (1 replica starting)" in report
     assert f"{CLUSTER}-gpu-worker-1 [worker gpu]: ImagePullBackOff, 0/1 ready, 2 restarts on node-1" in report
+
+
+def test_the_chart_selector_finds_the_rayservice_whatever_its_names(tmp_path):
+    key, value = CHART_SELECTOR.split("=")
+    for values in ({}, {"nameOverride": "chat"}, {"fullnameOverride": "prod-llm"}):
+        labels = rayservice(render(values_file(tmp_path, values)))["metadata"]["labels"]
+        assert labels.get(key) == value, values

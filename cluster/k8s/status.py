@@ -8,7 +8,8 @@ from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi, V1Pod
 from kubernetes.client.exceptions import ApiException
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
-CHART_SELECTOR = "app.kubernetes.io/name=llm-cluster"
+# The chart's RayService carries its chart's name here whatever nameOverride makes of app.kubernetes.io/name.
+CHART_SELECTOR = "app.kubernetes.io/part-of=llm-cluster"
 
 
 def find_rayservice(client: ApiClient, namespace: str, name: str | None) -> dict[str, Any]:
