@@ -7,7 +7,8 @@ import jsonschema
 from kubernetes.client import V1ContainerState, V1ContainerStateWaiting, V1ContainerStatus, V1ObjectMeta, V1Pod, V1PodSpec, V1PodStatus
 
 from cluster.k8s.status import CHART_SELECTOR, format_status
-from tests.chart import crd_schemas, rayservice, render, values_file
+from tests.chart import crd_schemas, render, values_file
+from tests.chart import rayservice as rendered_rayservice
 
 CLUSTER = "llm-llm-cluster-w8xkq"
 
@@ -96,5 +97,5 @@ def test_starting_service_says_what_it_waits_for():
 def test_the_chart_selector_finds_the_rayservice_whatever_its_names(tmp_path):
     key, value = CHART_SELECTOR.split("=")
     for values in ({}, {"nameOverride": "chat"}, {"fullnameOverride": "prod-llm"}):
-        labels = rayservice(render(values_file(tmp_path, values)))["metadata"]["labels"]
+        labels = rendered_rayservice(render(values_file(tmp_path, values)))["metadata"]["labels"]
         assert labels.get(key) == value, values
