@@ -111,3 +111,27 @@ def peer_selects(peer: dict[str, Any], pod_namespace: str, pod: dict[str, str], 
     elif pod_namespace != policy_namespace:
         return False
     return selects(peer.get("podSelector") or {}, pod)
+
+
+def cluster_action(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What KubeRay does with its running RayCluster when a RayService's rayClusterConfig goes from `old` to `new`
+    (rayservice_controller.go `getClusterAction`): "DoNothing" when they differ at most in the worker groups'
+    replicas, minReplicas, maxReplicas and workersToDelete; "Update" when, besides those, worker groups were
+    only appended; else "RolloutNew" (a new cluster next to the old one, with upgradeStrategy NewCluster)."""
+
+    def without_counts(spec: dict[str, Any], groups: int | None = None) -> dict[str, Any]:
+        spec = {**spec, "workerGroupSpecs": [dict(g) for g in spec.get("workerGroupSpecs", [])][:groups]}
+        for group in spec["workerGroupSpecs"]:
+            for field in ("replicas", "minReplicas", "maxReplicas"):
+                group.pop(field, None)
+            strategy = {k: v for k, v in (group.pop("scaleStrategy", None) or {}).items() if k != "workersToDelete"}
+            if strategy:  # an empty scaleStrategy is no scaleStrategy (a struct in KubeRay's Go types)
+                group["scaleStrategy"] = strategy
+        return spec
+
+    if without_counts(old) == without_counts(new):
+        return "DoNothing"
+    appended = len(new.get("workerGroupSpecs", [])) > len(old.get("workerGroupSpecs", []))
+    if appended and without_counts(old) == without_counts(new, len(old.get("workerGroupSpecs", []))):
+        return "Update"
+    return "RolloutNew"
