@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,14 @@ EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
 # The KubeRay v1.7.0 CRDs (ray.io_rayservices.yaml, ray.io_rayclusters.yaml): $LLM_CLUSTER_KUBERAY_CRDS, a
 # path relative to the repository's root, by default the shared folder beside the checkout.
 CRDS_SETTING = "LLM_CLUSTER_KUBERAY_CRDS"
-CRDS = (ROOT / os.environ.get(CRDS_SETTING, "../shared/kuberay-crds")).resolve()
 CRD_FILES = ("ray.io_rayservices.yaml", "ray.io_rayclusters.yaml")
+
+
+def crds_folder(environ: Mapping[str, str] = os.environ) -> Path:
+    return (ROOT / environ.get(CRDS_SETTING, "../shared/kuberay-crds")).resolve()
+
+
+CRDS = crds_folder()
 
 
 def helm_binary() -> str:
