@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from serving.config import LLMConfig
+from serving.server.deployments import APIIngress
 from tests.chart import (
     CHART,
     EXAMPLES,
@@ -71,7 +72,9 @@ def test_disruption_budgets_allow_drains_and_cover_one_group_each(renders):
 def test_a_budget_that_would_block_every_drain_is_refused(tmp_path):
     groups = [{**PLATFORM["workerGroups"][1], "minAvailable": 2}]
     message = render_error(values_file(tmp_path, {"workerGroups": groups}))
-    assert 'workerGroups "l4": minAvailable (2) must stay below minReplicas (2), or the PodDisruptionBudget blocks every node drain' in message
+    assert (
+        'workerGroups "l4": minAvailable (2) must stay below minReplicas (2), or the PodDisruptionBudget blocks every node drain' in message
+    )
 
 
 # 2. selectors against what KubeRay creates, for every configuration
@@ -165,12 +168,16 @@ def test_pod_settings_reach_every_ray_pod(renders):
         assert container["envFrom"] == [{"configMapRef": {"name": "proxy-settings"}}]
         assert {"name": "ca-bundle", "mountPath": "/etc/ssl/corporate", "readOnly": True} in container["volumeMounts"]
         assert {"name": "ca-bundle", "configMap": {"name": "corporate-ca"}} in spec["volumes"]
-    assert head["spec"]["topologySpreadConstraints"] == a100["spec"]["topologySpreadConstraints"] == [PLATFORM["head"]["topologySpreadConstraints"][0]]
+    assert (
+        head["spec"]["topologySpreadConstraints"]
+        == a100["spec"]["topologySpreadConstraints"]
+        == [PLATFORM["head"]["topologySpreadConstraints"][0]]
+    )
     assert a100["spec"]["runtimeClassName"] == "nvidia" and "runtimeClassName" not in l4["spec"]
     assert a100["metadata"]["labels"]["gpu"] == "a100" and "gpu" not in l4["metadata"]["labels"]
     assert a100["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     # the default keeps the namespace's service account and mounts no token where nothing calls the API
-    default_head, default_worker = pod_templates(renders["default"])
+    _default_head, default_worker = pod_templates(renders["default"])
     assert "serviceAccountName" not in default_worker["spec"] and default_worker["spec"]["automountServiceAccountToken"] is False
 
 
@@ -178,6 +185,7 @@ def test_pod_settings_reach_every_ray_pod(renders):
 
 
 def test_api_replicas_reserve_cpu_so_they_stay_off_the_head(renders):
+    assert APIIngress.name == "APIIngress"  # the deployment the serveConfigV2 entry overrides
     for name, objects in renders.items():
         config = serve_config(objects)
         (api,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "APIIngress"]

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes.client import (
     V1Node,
     V1NodeCondition,
@@ -158,8 +157,10 @@ def test_kuberay_crds_and_the_report_verdict(tmp_path):
 def test_an_older_operator_that_would_drop_token_auth_fails():
     crds = {"rayservices.ray.io": kuberay_1_5_rayservice_crd(), "rayclusters.ray.io": kuberay_crd("ray.io_rayclusters.yaml")}
     assert crd_problems(crds) == [
-        "CRD rayservices.ray.io has no spec.rayClusterConfig.authOptions.mode, which the chart sets (the API server would "
-        "drop it): upgrade the KubeRay operator and its CRDs to 1.7"
+        (
+            "CRD rayservices.ray.io has no spec.rayClusterConfig.authOptions.mode, which the chart sets (the API server would "
+            "drop it): upgrade the KubeRay operator and its CRDs to 1.7"
+        )
     ]
 
 
