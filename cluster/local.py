@@ -3,7 +3,8 @@
 The head node runs as `ray start --head --block` in a session of its own; its address and process
 id go to a small state file. Stopping the cluster means signalling that one process: on SIGTERM it
 takes its Ray processes down with it. Everything Ray exposes binds to 127.0.0.1, and the cluster
-uses Ray's token authentication (the token lives in ~/.ray/auth_token).
+uses Ray's token authentication: its token is the file Ray reads (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token),
+created here when there is none (`ray start` does not create one), or Ray's RAY_AUTH_TOKEN variable.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import psutil
 import ray
-from ray._private.authentication.authentication_token_setup import _enable_token_auth
+from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+from ray._private.authentication.authentication_token_setup import _enable_token_auth, _get_default_token_path
 from ray._private.ray_constants import DEFAULT_DASHBOARD_PORT, DEFAULT_PORT
 
 from cluster.haproxy import haproxy_env
@@ -71,6 +73,24 @@ def init_private_session(num_cpus: int | None = None) -> None:
         os.environ.update(saved)
 
 
+def ensure_auth_token() -> tuple[Path | None, bool]:
+    """(the token file Ray's processes will read, whether it was created now). A new token file is readable by
+    its owner alone (0600) in a folder only the owner can enter. None when RAY_AUTH_TOKEN holds the token itself."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None, False
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or _get_default_token_path()).expanduser()
+    if path.is_file():
+        return path, False
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it meanwhile
+        return path, False
+    with os.fdopen(descriptor, "w") as token_file:
+        token_file.write(generate_new_authentication_token())
+    return path, True
+
+
 def find(state_dir: Path) -> LocalCluster | None:
     """The running local cluster recorded in `state_dir`, if any."""
     path = state_dir / STATE_FILE
@@ -90,6 +110,7 @@ def start(state_dir: Path, port: int | None = None, dashboard_port: int | None =
     """
     if (running := find(state_dir)) is not None:
         return running
+    ensure_auth_token()
     state_dir.mkdir(parents=True, exist_ok=True)
     port = port or DEFAULT_PORT
     dashboard_port = dashboard_port or DEFAULT_DASHBOARD_PORT

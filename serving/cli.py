@@ -135,6 +135,7 @@ def _sampling_args(args: argparse.Namespace) -> dict[str, Any]:
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cluster import local
     from serving.models.source import resolve_model
+    from serving.server.deploy_checks import check_model_layout
     from serving.server.deployments import deploy
 
     config = config_from_args(args, parser)
@@ -142,7 +143,11 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         local.connect(args.address, token_auth=False, token_file=args.ray_auth_token_file)
         where = f"the Ray cluster at {args.address}"
     else:
-        resolve_model(config.model.source)  # fail fast on a bad source; the default model is converted here, once
+        # fail fast on a bad source or a layout the model cannot take; the default model is converted here, once
+        check_model_layout(config, resolve_model(config.model.source))
+        token, created = local.ensure_auth_token()
+        if created:
+            print(f"Created the local Ray cluster's authentication token in {token} (readable by you alone).", file=sys.stderr)
         cluster = local.find(cache_root()) or local.start(cache_root(), args.ray_port, args.dashboard_port)
         local.connect(cluster.address, token_auth=True)
         where = f"a local Ray cluster at {cluster.address} (dashboard {cluster.dashboard_url})"

@@ -86,7 +86,10 @@ def llmcluster(*args: str, env: dict[str, str], stdin: str | None = None, timeou
 
 @pytest.mark.slow
 def test_serve_status_chat_shutdown_on_a_local_cluster(tiny_model, tmp_path):
-    env = os.environ | {"LLM_CLUSTER_CACHE": str(tmp_path)}  # the local cluster's state goes here
+    home = tmp_path / "home"  # a machine that has never run Ray or this project: no token, no caches
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "XDG_CACHE_HOME"}
+    env |= {"HOME": str(home), "LLM_CLUSTER_CACHE": str(tmp_path / "cache")}  # the local cluster's state goes to the cache
     port = free_port()
     serve_flags = ["--model", str(tiny_model), "--kv-cache-memory-gb", "0.05", "--port", str(port)]
     ray_flags = ["--ray-port", str(free_port()), "--dashboard-port", str(free_port())]
@@ -96,8 +99,9 @@ def test_serve_status_chat_shutdown_on_a_local_cluster(tiny_model, tmp_path):
     try:
         assert served.returncode == 0, served.stderr
         assert f"http://127.0.0.1:{port}/v1" in served.stdout and "curl" in served.stdout
+        assert f"authentication token in {home / '.ray' / 'auth_token'}" in served.stderr
         assert ready_after < 60, f"ready after {ready_after:.0f} s"
-        state = json.loads((tmp_path / "local-cluster.json").read_text())
+        state = json.loads((tmp_path / "cache" / "local-cluster.json").read_text())
 
         status = llmcluster("status", env=env)
         assert status.returncode == 0, status.stderr
@@ -112,3 +116,13 @@ def test_serve_status_chat_shutdown_on_a_local_cluster(tiny_model, tmp_path):
     assert not psutil.pid_exists(state["pid"]) or psutil.Process(state["pid"]).status() == psutil.STATUS_ZOMBIE
     assert "No local Ray cluster" in llmcluster("shutdown", env=env).stdout
     print(f"llmcluster serve was ready after {ready_after:.1f} s", file=sys.stderr)
+
+
+def test_serve_refuses_a_layout_the_model_cannot_take_before_starting_anything(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLM_CLUSTER_CACHE", str(tmp_path))
+    started = time.monotonic()
+    assert main(["serve", "--model", str(tiny_model), "--tensor-parallel", "3"]) == 1
+    assert "tensor parallel size 3 does not divide the model's 4 attention heads" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_model), "--max-model-len", "4096"]) == 1
+    assert "max_model_len 4096 exceeds the model's context length 512" in capsys.readouterr().err
+    assert time.monotonic() - started < 10 and not (tmp_path / "local-cluster.json").exists()
