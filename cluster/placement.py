@@ -44,7 +44,7 @@ def plan_stages(nodes: list[NodeCapacity], tp: int, pp: int, per_worker: dict[st
     if not capable:
         raise PlacementError(
             f"no node can hold a tensor-parallel group of {tp} workers needing {per_worker} each; "
-            f"nodes have {[n.resources for n in nodes]}"
+            f"nodes have {[{name: n.resources.get(name, 0.0) for name in per_worker} for n in nodes]}"
         )
     total = {name: sum(n.resources.get(name, 0.0) for n in nodes) for name in per_worker}
     if any(total[name] < amount * tp * pp for name, amount in per_worker.items()):

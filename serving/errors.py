@@ -31,3 +31,7 @@ class EngineDeadError(LLMClusterError):
 
 class ChatTemplateError(LLMClusterError):
     """The model has no chat template, or rendering it failed."""
+
+
+class DeploymentError(LLMClusterError):
+    """The Serve application could not be deployed; the message carries a replica's own error."""

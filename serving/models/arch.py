@@ -8,6 +8,8 @@ from pathlib import Path
 from serving.errors import ModelSourceError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# The architecture transformers builds for a config.json that names only its model_type.
+ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,8 @@ class ModelArch:
 
     @classmethod
     def from_config(cls, cfg: dict) -> ModelArch:
-        archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
-        arch = archs[0]
+        model_type = cfg.get("model_type", "unknown")
+        arch = (cfg.get("architectures") or [ARCHITECTURE_OF_MODEL_TYPE.get(model_type, model_type)])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {arch!r} is not supported by the native engine; "

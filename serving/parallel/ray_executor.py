@@ -20,6 +20,13 @@ from serving.parallel.tensor import InvalidLayoutError, TensorParallel
 from serving.parallel.worker import Worker
 
 
+def worker_resources(config: LLMConfig, cluster_gpus: float) -> dict[str, float]:
+    """What each worker reserves: one GPU when the model runs on CUDA (device cuda, or auto on a cluster with
+    GPUs), else `parallel.worker_cpus` CPUs."""
+    on_gpu = config.model.device == "cuda" or (config.model.device == "auto" and cluster_gpus > 0)
+    return {"GPU": 1.0} if on_gpu else {"CPU": config.parallel.worker_cpus}
+
+
 class RayExecutor:
     device = torch.device("cpu")  # where the driver samples
 
@@ -30,8 +37,7 @@ class RayExecutor:
         if arch is not None:  # refuse a bad layout before any worker starts
             TensorParallel(tp).check(arch)
             PipelineStage(pp).check(arch)
-        on_gpu = config.model.device == "cuda" or (config.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-        per_worker = {"GPU": 1.0} if on_gpu else {"CPU": 1.0}
+        per_worker = worker_resources(config, ray.cluster_resources().get("GPU", 0.0))
         try:
             self.placement = place_workers(tp, pp, per_worker, parallel.placement_timeout_s, parallel.cluster_autoscales)
         except PlacementError as error:
@@ -39,7 +45,7 @@ class RayExecutor:
             raise InvalidLayoutError(f"{error}{hint}") from None
         actor = ray.remote(Worker)
         self.workers = [
-            actor.options(scheduling_strategy=strategy, num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0).remote()
+            actor.options(scheduling_strategy=strategy, num_cpus=per_worker.get("CPU", 0), num_gpus=per_worker.get("GPU", 0)).remote()
             for strategy in self.placement.strategies
         ]
         address = ray.get(self.workers[0].rendezvous_address.remote())

@@ -7,6 +7,7 @@ on the connected Ray cluster, runs the application and waits until the API answe
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -19,14 +20,16 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ApplicationStatus, DeploymentStatus
 
 from serving.config import LLMConfig, ServerConfig
 from serving.engine.sampling_params import SamplingParams
-from serving.errors import InvalidRequestError, LLMClusterError
+from serving.errors import DeploymentError, InvalidRequestError, LLMClusterError
 from serving.metrics.api import APIMetrics
 from serving.metrics.export import MetricsPusher, cluster_families
 from serving.server.app import create_app
 from serving.server.auth import APIKeys
+from serving.server.deploy_checks import check_deployable, replica_error
 from serving.server.autoscaling import autoscaling_config
 from serving.server.http_errors import overloaded, replica_failed
 from serving.server.llm_replica import LLMDeployment
@@ -62,6 +65,7 @@ SERVE_CONTROLLER_ENV = {
     # once, so its requests fail now rather than after drain_timeout_s (Serve drains it by default).
     "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
 }
+logger = logging.getLogger(__name__)
 API_HEADROOM_REQUESTS = 64  # API requests beyond the LLM capacity, for /health, /metrics and /v1/models
 
 
@@ -202,15 +206,42 @@ def _llm_options(server: ServerConfig) -> dict[str, Any]:
 
 
 def deploy(config: LLMConfig, timeout_s: float = 120.0) -> str:
-    """Run the application on the connected Ray cluster; returns the API's URL once /health answers 200."""
+    """Run the application on the connected Ray cluster; returns the API's URL once /health answers 200.
+
+    Refuses a layout the model or the cluster cannot take before deploying (deploy_checks.py); a replica that
+    fails to start is logged with its own error at once, and raises DeploymentError once Serve gives up on it."""
     server = config.server
+    check_deployable(config)
     serve.start(
         http_options={"host": server.host, "port": server.port},
         controller_options={"runtime_env": {"env_vars": SERVE_CONTROLLER_ENV}},
     )
-    serve.run(build(config), name=server.app_name, route_prefix="/")
-    wait_until_healthy(server.url, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    serve.run_many([serve.RunTarget(build(config), name=server.app_name, route_prefix="/")], wait_for_applications_running=False)
+    wait_until_running(server.app_name, deadline - time.monotonic())
+    wait_until_healthy(server.url, deadline - time.monotonic())
     return server.url
+
+
+def wait_until_running(app_name: str, timeout_s: float) -> None:
+    """Wait for Serve to report the application RUNNING; raise DeploymentError with a replica's own error if it fails."""
+    deadline = time.monotonic() + timeout_s
+    reported: set[str] = set()
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+            failed = {name: d.message for name, d in app.deployments.items() if d.status == DeploymentStatus.DEPLOY_FAILED}
+            reasons = "; ".join(f"{name}: {replica_error(message)}" for name, message in failed.items()) or app.message
+            raise DeploymentError(f"application {app_name!r} failed to deploy: {reasons}")
+        for name, deployment in (app.deployments if app is not None else {}).items():
+            error = replica_error(deployment.message)
+            if deployment.message.startswith("A replica failed to start") and error not in reported:
+                reported.add(error)
+                logger.warning("a %s replica failed to start (Serve tries again): %s", name, error)
+        time.sleep(0.5)
+    raise TimeoutError(f"application {app_name!r} was not running within {timeout_s:.0f} s (`llmcluster status` shows its replicas)")
 
 
 def wait_until_healthy(url: str, timeout_s: float) -> None:

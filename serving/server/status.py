@@ -15,9 +15,11 @@ from typing import Any
 import ray
 from prometheus_client.metrics_core import Metric
 from ray import serve
+from ray.serve.schema import DeploymentStatus
 
 from serving.metrics import PREFIX
 from serving.metrics.export import exporters, merge
+from serving.server.deploy_checks import replica_error
 
 TIMEOUT_S = 10.0  # how long each round of questions waits for the node exporters
 
@@ -39,6 +41,8 @@ def status_report(app_name: str, window_s: float = 2.0) -> tuple[bool, str]:
     for name, deployment in app.deployments.items():
         replicas = ", ".join(f"{count} {state}" for state, count in deployment.replica_states.items()) or "none"
         lines.append(f"  {name}: {deployment.status.value}; replicas: {replicas}")
+        if deployment.message and deployment.status != DeploymentStatus.HEALTHY:
+            lines.append(f"    {replica_error(deployment.message)}")
     handles = exporters()
     silent: set[int] = set()
     before = _collect(handles, silent)
