@@ -61,6 +61,16 @@ def test_tiny_model_tensor_parallel_matches_single(tiny_model, size):
     check_against_single(config, size)
 
 
+@pytest.mark.parametrize("quantization, size", [("int8", 4), ("int4", 2)], ids=["int8-tp4", "int4-tp2"])
+def test_quantized_tiny_model_tensor_parallel_matches_single(tiny_model, quantization, size):
+    """Each rank's slices carry their rows' scales, so the ranks' partial sums add up to the single worker's."""
+    config = LLMConfig(
+        model=ModelConfig(source=str(tiny_model), quantization=quantization),
+        engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.01, max_num_batched_tokens=16),
+    )
+    check_against_single(config, size)
+
+
 @pytest.mark.slow
 def test_default_model_tp3_matches_single(default_model):
     config = LLMConfig(model=ModelConfig(source=str(default_model), max_model_len=256), engine=EngineConfig(kv_cache_memory_gb=0.1))

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from serving.config import EngineConfig, ModelConfig
 from serving.models.arch import ModelArch
 from serving.models.attention import AttentionMetadata, PrefillChunk
 from serving.models.cpu_kernels import load_cpu_kernels
-from serving.models.cpu_layers import use_cpu_kernels
+from serving.models.cpu_layers import tied_lm_head, use_cpu_kernels
 from serving.models.loader import load_model
+from serving.models.quant import require_cpu_kernels
 from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
 from serving.parallel.tensor import SINGLE, TensorParallel
 
@@ -82,12 +82,13 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.num_kv_heads = tp.local_kv_heads(arch)
         self.stage = stage
-        self.model = load_model(folder, arch, self.dtype, self.device, max_model_len, tp, stage)
-        kernels = load_cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
+        kernels = require_cpu_kernels(model_config.quantization, self.device, self.dtype)  # a quantized model needs them
+        self.model = load_model(folder, arch, self.dtype, self.device, max_model_len, tp, stage, model_config.quantization)
+        if kernels is None and self.device.type == "cpu" and self.dtype == torch.float32:
+            kernels = load_cpu_kernels()
         if kernels is not None:
-            if stage.is_last and self.model.lm_head is None:  # the packed LM head is a second copy of the tied embedding
-                self.model.lm_head = nn.Linear(*reversed(self.model.embed_tokens.weight.shape), bias=False)
-                self.model.lm_head.weight = self.model.embed_tokens.weight
+            if stage.is_last and self.model.lm_head is None:
+                self.model.lm_head = tied_lm_head(self.model.embed_tokens)
             use_cpu_kernels(self.model, kernels)
         self.num_blocks = self._num_blocks(engine_config.kv_cache_memory_gb)
         shape = (self.num_blocks + 1, self.block_size, self.num_kv_heads, arch.head_dim)  # +1: scratch block

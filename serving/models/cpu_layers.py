@@ -14,6 +14,7 @@ from torch import nn
 
 from serving.models.cpu_kernels import CpuKernels, to_gate_up_panels, to_panels
 from serving.models.llama import Attention, GateUpProjection, RMSNorm
+from serving.models.quant import QuantEmbedding, QuantLinear
 
 
 class PanelLinear(nn.Module):
@@ -62,10 +63,19 @@ class KernelRMSNorm(nn.Module):
         return self.kernels.rms_norm(rows, self.weight, self.eps).view(x.shape)
 
 
+def tied_lm_head(embedding: nn.Module) -> nn.Module:
+    """An LM head over the input embedding's rows, to be packed into panels: a second copy of them."""
+    if isinstance(embedding, QuantEmbedding):
+        return embedding.as_linear()
+    head = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False)
+    head.weight = embedding.weight
+    return head
+
+
 def use_cpu_kernels(model: nn.Module, kernels: CpuKernels) -> None:
     """Run a float32 CPU model on the kernels, in place: every nn.Linear becomes its panel version
-    (GateUpProjection a PanelGateUp, any other a PanelLinear), every RMSNorm a KernelRMSNorm, and
-    attention decodes read the cache in place.
+    (GateUpProjection a PanelGateUp, any other a PanelLinear), every quantized linear is packed into
+    its panels, every RMSNorm a KernelRMSNorm, and attention decodes read the cache in place.
 
     Only names are collected up front, so each original weight is freed as soon as it is packed
     and peak memory grows by one layer, not by the whole model.
@@ -86,3 +96,5 @@ def use_cpu_kernels(model: nn.Module, kernels: CpuKernels) -> None:
     for module in model.modules():
         if isinstance(module, Attention):
             module.cpu_kernels = kernels
+        elif isinstance(module, QuantLinear):
+            module.pack(kernels)

@@ -45,8 +45,9 @@ _PRE_TOKENIZERS = {
 }
 
 
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantize `gguf_path` to float32 and write it as a Hugging Face folder at `out_dir` (replaced if present)."""
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, keep_gguf: bool = False) -> Path:
+    """Dequantize `gguf_path` to float32 and write it as a Hugging Face folder at `out_dir` (replaced if present);
+    with `keep_gguf` the folder also gets a copy of the file, to be served in its own precision."""
     reader = GGUFReader(gguf_path)
     meta = {name: field.contents() for name, field in reader.fields.items()}
     arch = meta.get("general.architecture")
@@ -63,10 +64,10 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
         shape = tuple(reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
         weights = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
         if ".attn_q." in t.name:
-            weights = _undo_rope_permute(weights, n_head)
+            weights = undo_rope_permute(weights, n_head)
         elif ".attn_k." in t.name:
-            weights = _undo_rope_permute(weights, n_kv_head)
-        tensors[_hf_tensor_name(t.name, gguf_path)] = np.ascontiguousarray(weights)
+            weights = undo_rope_permute(weights, n_kv_head)
+        tensors[hf_tensor_name(t.name, gguf_path)] = np.ascontiguousarray(weights)
     config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensors
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,8 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
             model_max_length=config["max_position_embeddings"],
             add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         )
+        if keep_gguf:
+            shutil.copyfile(gguf_path, tmp / gguf_path.name)
         _apply_umask(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -196,7 +199,7 @@ def _gguf_tokenizer(meta: dict[str, Any], gguf_path: Path) -> Tokenizer:
     return tokenizer
 
 
-def _hf_tensor_name(name: str, gguf_path: Path) -> str:
+def hf_tensor_name(name: str, gguf_path: Path) -> str:
     if name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[name]
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
@@ -205,7 +208,7 @@ def _hf_tensor_name(name: str, gguf_path: Path) -> str:
     return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
 
 
-def _undo_rope_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+def undo_rope_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """Invert llama.cpp's q/k row order: per head it interleaves the two rotary halves (HF keeps them apart)."""
     head_dim = weights.shape[0] // n_head
     return weights.reshape(n_head, head_dim // 2, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)

@@ -206,7 +206,8 @@ class LlamaForCausalLM(nn.Module):
             return self.embed_tokens(input_ids)
         local = input_ids - self.vocab_start
         mine = (local >= 0) & (local < self.embed_tokens.num_embeddings)
-        x = self.embed_tokens(local.clamp(0, self.embed_tokens.num_embeddings - 1)) * mine[:, None].to(self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(local.clamp(0, self.embed_tokens.num_embeddings - 1))
+        x = x * mine[:, None].to(x.dtype)
         return self.tp.all_reduce(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Build the model on the meta device and fill it straight from the safetensors files.
+"""Build the model on the meta device and fill it straight from the safetensors (or GGUF) files.
 
 Each tensor is read from disk directly into its (slice of a) parameter: no full-model copy,
-no mapped file pages, so peak memory stays close to the model size.
+no mapped file pages, so peak memory stays close to the model size. With a quantization the
+linear layers and the embedding are quantized tensor by tensor as they are read (int8/int4), or
+taken as they are from the GGUF file (gguf), see serving/models/quant.py.
 """
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from serving.errors import ModelSourceError
 from serving.models.arch import ModelArch
-from serving.models.llama import LlamaForCausalLM, RotaryEmbedding
+from serving.models.llama import GateUpProjection, LlamaForCausalLM, RotaryEmbedding
+from serving.models.quant import GROUP, KINDS, QuantEmbedding, QuantizationError, QuantizedWeight, QuantLinear, QuantRows, quantize
 from serving.models.safetensors_reader import SafetensorsFile
+from serving.models.source import gguf_file
 from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
 from serving.parallel.tensor import SINGLE, TensorParallel
 
@@ -50,24 +55,25 @@ def load_model(
     max_positions: int,
     tp: TensorParallel = SINGLE,
     stage: PipelineStage = SINGLE_STAGE,
+    quantization: str = "none",
 ) -> LlamaForCausalLM:
     """The model, or this rank's part of it (TP shard of a pipeline stage), weights read from `folder`."""
     tp.check(arch)
     stage.check(arch)
+    readers = _readers(Path(folder), quantization)
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, max_positions, tp, stage).to(dtype)
+        quantized = _quantize_layers(model, quantization, readers)
     model.to_empty(device=device)
     model.rotary = RotaryEmbedding(arch, max_positions).to(device)
     params = dict(model.named_parameters())
-    expected = _expected_slots(params)
+    expected = _expected_slots([*params, *(f"{name}.weight" for name in quantized)])
     loaded: set[str] = set()
-    files = safetensors_files(Path(folder))
     with tqdm(total=len(expected), desc="Loading weights", unit="tensor") as bar:
-        for path in files:
-            reader = SafetensorsFile(path)
-            with open(path, "rb") as f:
+        for reader in readers:
+            with reader.open() as f:
                 for ckpt_name in reader.keys():
-                    slot = _copy_tensor(model, params, arch, tp, ckpt_name, reader, f)
+                    slot = _copy_tensor(model, params, quantized, arch, tp, ckpt_name, reader, f)
                     if slot is not None:
                         loaded.add(slot)
                         bar.update(1)
@@ -77,9 +83,62 @@ def load_model(
     return model.eval()
 
 
-def _expected_slots(params: dict) -> set[str]:
+def _readers(folder: Path, quantization: str) -> list:
+    if quantization == "gguf":
+        from serving.models.gguf_weights import GgufWeights  # gguf is imported only when a GGUF is served
+
+        return [GgufWeights(gguf_file(folder))]
+    return [SafetensorsFile(path) for path in safetensors_files(folder)]
+
+
+def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) -> dict[str, QuantizedWeight]:
+    """Swap the (meta) layers that will hold quantized weights for quantized ones; returns them by name.
+
+    int8/int4: every linear layer, the LM head and the embedding (quantizing the last two costs no
+    measurable quality, benchmarks/README.md, and they are a fifth of the default model's weights).
+    gguf: every layer whose checkpoint tensors are all of one type with a kernel (Q8_0, Q4_0/Q4_1).
+    """
+    if quantization in KINDS:
+        kinds = {name: KINDS[quantization] for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Embedding))}
+    elif quantization == "gguf":
+        kinds = _gguf_kinds(model, readers[0])
+    else:
+        return {}
+    quantized: dict[str, QuantizedWeight] = {}
+    for name, kind in kinds.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, attr)
+        if isinstance(layer, nn.Embedding):
+            rows, cols = layer.num_embeddings, layer.embedding_dim
+        else:
+            rows, cols = layer.out_features, layer.in_features
+        group = cols if kind == "q8" and quantization == "int8" else GROUP  # int8: one scale per output channel
+        try:
+            if isinstance(layer, nn.Embedding):
+                replacement = QuantEmbedding(kind, rows, cols, group)
+            else:
+                gated = isinstance(layer, GateUpProjection)
+                replacement = QuantLinear(kind, rows, cols, group, bias=layer.bias is not None, gated=gated)
+        except QuantizationError as error:
+            raise QuantizationError(f"quantization {quantization!r} cannot hold {name}: {error}") from None
+        setattr(parent, attr, replacement)
+        quantized[name] = replacement
+    return quantized
+
+
+def _gguf_kinds(model: LlamaForCausalLM, reader) -> dict[str, str]:
+    kinds: dict[str, set[str | None]] = {}
+    for ckpt_name in reader.keys():
+        target = _target(model, ckpt_name)
+        if target is not None and target[0].endswith(".weight"):
+            kinds.setdefault(target[0].removesuffix(".weight"), set()).add(reader.native_kind(ckpt_name))
+    return {name: next(iter(found)) for name, found in kinds.items() if len(found) == 1 and None not in found}
+
+
+def _expected_slots(names: list[str]) -> set[str]:
     slots: set[str] = set()
-    for name in params:
+    for name in names:
         shards = 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 0
         slots |= {_slot_key(name, i) for i in range(shards)} if shards else {name}
     return slots
@@ -89,10 +148,9 @@ def _slot_key(param_name: str, shard: int | None) -> str:
     return param_name if shard is None else f"{param_name}#{shard}"
 
 
-def _copy_tensor(
-    model: LlamaForCausalLM, params: dict, arch: ModelArch, tp: TensorParallel, ckpt_name: str, reader: SafetensorsFile, f
-) -> str | None:
-    """Copy this rank's slice of one checkpoint tensor into its (slice of a) parameter; returns the slot it filled."""
+def _target(model: LlamaForCausalLM, ckpt_name: str) -> tuple[str, int | None, str, str] | None:
+    """(parameter name, fused shard, projection, name without "model.") a checkpoint tensor fills on
+    this rank, or None when it is not this rank's (another stage's, or a tied head's copy)."""
     if _IGNORED.search(ckpt_name):
         return None
     name = ckpt_name.removeprefix("model.")
@@ -110,7 +168,22 @@ def _copy_tensor(
     shard = None
     if projection in _FUSED:
         parts[-2], shard = _FUSED[projection]
-    param_name = ".".join(parts)
+    return ".".join(parts), shard, projection, name
+
+
+def _copy_tensor(
+    model: LlamaForCausalLM, params: dict, quantized: dict[str, QuantizedWeight], arch: ModelArch, tp: TensorParallel,
+    ckpt_name: str, reader, f,
+) -> str | None:
+    """Copy this rank's slice of one checkpoint tensor into its (slice of a) parameter; returns the slot it filled."""
+    target = _target(model, ckpt_name)
+    if target is None:
+        return None
+    param_name, shard, projection, name = target
+    layer = quantized.get(param_name.removesuffix(".weight")) if param_name.endswith(".weight") else None
+    if layer is not None:
+        _copy_quantized(layer, arch, tp, target, ckpt_name, reader, f)
+        return _slot_key(param_name, shard)
     param = params.get(param_name)
     if param is None:
         raise ModelSourceError(f"checkpoint tensor {ckpt_name!r} has no place in {arch.architecture}")
@@ -123,6 +196,36 @@ def _copy_tensor(
         raise ModelSourceError(f"{ckpt_name}: shape {reader.shape(ckpt_name)} does not fit the config's {tuple(target.shape)}")
     reader.read_into(ckpt_name, target, f, source)
     return _slot_key(param_name, shard)
+
+
+def _copy_quantized(layer: QuantizedWeight, arch: ModelArch, tp: TensorParallel, target: tuple, ckpt_name: str, reader, f) -> None:
+    """Fill this rank's rows of a quantized layer from one checkpoint tensor: quantized as read from
+    float weights (whole rows first, then cut, so that input slices keep their row's scale), or as
+    stored when the file holds it quantized."""
+    param_name, shard, projection, name = target
+    start, count = (0, layer.rows) if shard is None else _fused_rows(arch, tp, param_name, shard)
+    source = _source_slice(arch, tp, name, projection)
+    shape = reader.shape(ckpt_name)
+    expected = list(shape)
+    if source is not None:
+        expected[source[0]] = source[2]
+    if tuple(expected) != (count, layer.cols):
+        raise ModelSourceError(f"{ckpt_name}: shape {shape} does not fit the config's {(count, layer.cols)}")
+    native = reader.native_kind(ckpt_name)
+    if native is not None:
+        if native != layer.kind:
+            raise QuantizationError(f"{ckpt_name} is stored as {native} and cannot be served as {layer.kind}")
+        rows: QuantRows = reader.quantized(ckpt_name, f)
+        if source is not None:
+            rows = rows.narrow(*source)
+    else:
+        row_slice = source if source is not None and source[0] == 0 else None
+        weights = torch.empty(count if row_slice else shape[0], shape[1])
+        reader.read_into(ckpt_name, weights, f, row_slice)
+        rows = quantize(weights, layer.kind)
+        if source is not None and source[0] == 1:
+            rows = rows.narrow(*source)
+    layer.load_rows(start, rows)
 
 
 def _fused_rows(arch: ModelArch, tp: TensorParallel, param_name: str, shard: int) -> tuple[int, int]:

