@@ -53,7 +53,7 @@ topologySpreadConstraints:
 
 {{/* Labels of the pod template: the release's selector labels, the role, and the extra pod labels. */}}
 {{- define "llm-cluster.podMetadata" -}}
-{{- $root := .root }}
+{{- $root := .root -}}
 labels:
   {{- include "llm-cluster.selectorLabels" $root | nindent 2 }}
   app.kubernetes.io/component: {{ .component }}
