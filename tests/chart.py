@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -180,12 +181,19 @@ PLATFORM = {
 }  # fmt: skip
 
 
-def render_all(tmp: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every configuration the tests look at: defaults, each example, and three that switch the rest on."""
+def render_all() -> dict[str, list[dict[str, Any]]]:
+    """Every configuration the tests look at: defaults, each example, and three that switch the rest on (rendered
+    once per test session; each caller gets its own copy)."""
+    return copy.deepcopy(_render_all())
+
+
+@cache
+def _render_all() -> dict[str, list[dict[str, Any]]]:
     out = {"default": render()}
     out.update({path.stem: render(path) for path in EXAMPLES})
-    for name, values in [("object-store", OBJECT_STORE), ("everything-on", EVERYTHING_ON), ("platform", PLATFORM)]:
-        out[name] = render(values_file(tmp, values, f"{name}.yaml"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, values in [("object-store", OBJECT_STORE), ("everything-on", EVERYTHING_ON), ("platform", PLATFORM)]:
+            out[name] = render(values_file(Path(tmp), values, f"{name}.yaml"))
     return out
 
 

@@ -40,8 +40,8 @@ CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/")
 
 
 @pytest.fixture(scope="module")
-def renders(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
-    return render_all(tmp_path_factory.mktemp("values"))
+def renders() -> dict[str, list[dict[str, Any]]]:
+    return render_all()
 
 
 def test_examples_exist():

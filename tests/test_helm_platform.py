@@ -33,8 +33,8 @@ NAMESPACE = "serving"  # tests.chart.render's
 
 
 @pytest.fixture(scope="module")
-def renders(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
-    return render_all(tmp_path_factory.mktemp("values"))
+def renders() -> dict[str, list[dict[str, Any]]]:
+    return render_all()
 
 
 def kinds(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

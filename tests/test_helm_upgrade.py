@@ -22,9 +22,9 @@ def rayservice_schema() -> dict[str, Any]:
     return v1_schema(crd("ray.io_rayservices.yaml"))
 
 
-def test_every_rendered_rayservice_passes_the_crds_cel_rules(rayservice_schema, tmp_path):
+def test_every_rendered_rayservice_passes_the_crds_cel_rules(rayservice_schema):
     cluster_schema = v1_schema(crd("ray.io_rayclusters.yaml"))["properties"]["spec"]
-    for name, objects in render_all(tmp_path).items():
+    for name, objects in render_all().items():
         service = rayservice(objects)
         assert violations(rayservice_schema, service) == [], name
         assert violations(cluster_schema, service["spec"]["rayClusterConfig"]) == [], name  # the RayCluster KubeRay makes

@@ -164,10 +164,10 @@ def test_an_older_operator_that_would_drop_token_auth_fails():
     ]
 
 
-def test_preflight_knows_every_field_the_chart_sets(tmp_path):
+def test_preflight_knows_every_field_the_chart_sets():
     """CHART_FIELDS is exactly the RayService fields of every rendered configuration, down to Kubernetes' own types."""
     rendered: set[str] = set()
-    for objects in render_all(tmp_path).values():
+    for objects in render_all().values():
         rendered |= _paths(rayservice(objects)["spec"], "spec")
     assert rendered == set(CHART_FIELDS)
 
