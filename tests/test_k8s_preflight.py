@@ -128,12 +128,13 @@ def kuberay_crd(file: str, served: bool = True) -> dict:
     return found
 
 
-def kuberay_1_5_rayservice_crd() -> dict:
-    """What the chart meets on KubeRay 1.5: its RayService CRD has no authOptions (new in 1.6). Made from the 1.7
-    CRD by removing that field, the one of the chart's fields 1.5 lacks that matters most (token auth)."""
-    found = kuberay_crd("ray.io_rayservices.yaml")
-    del v1_schema(found)["properties"]["spec"]["properties"]["rayClusterConfig"]["properties"]["authOptions"]
-    return found
+def kuberay_1_5_crds() -> dict[str, dict]:
+    """What the chart meets on KubeRay 1.5: its CRDs have no authOptions (new in 1.6). Made from the 1.7 CRDs by
+    removing that field, the one of the chart's fields 1.5 lacks that matters most (token auth)."""
+    service, cluster = kuberay_crd("ray.io_rayservices.yaml"), kuberay_crd("ray.io_rayclusters.yaml")
+    del v1_schema(service)["properties"]["spec"]["properties"]["rayClusterConfig"]["properties"]["authOptions"]
+    del v1_schema(cluster)["properties"]["spec"]["properties"]["authOptions"]
+    return {"rayservices.ray.io": service, "rayclusters.ray.io": cluster}
 
 
 def test_kuberay_crds_and_the_report_verdict(tmp_path):
@@ -155,12 +156,12 @@ def test_kuberay_crds_and_the_report_verdict(tmp_path):
 
 
 def test_an_older_operator_that_would_drop_token_auth_fails():
-    crds = {"rayservices.ray.io": kuberay_1_5_rayservice_crd(), "rayclusters.ray.io": kuberay_crd("ray.io_rayclusters.yaml")}
-    assert crd_problems(crds) == [
-        (
-            "CRD rayservices.ray.io has no spec.rayClusterConfig.authOptions.mode, which the chart sets (the API server would "
-            "drop it): upgrade the KubeRay operator and its CRDs to 1.7"
-        )
+    assert crd_problems(kuberay_1_5_crds()) == [
+        (f"CRD {name} has no {path}, which the chart sets (the API server would drop it): upgrade the KubeRay operator and its CRDs to 1.7")
+        for name, path in [
+            ("rayservices.ray.io", "spec.rayClusterConfig.authOptions.mode"),
+            ("rayclusters.ray.io", "spec.authOptions.mode"),
+        ]
     ]
 
 

@@ -61,7 +61,7 @@ class Preflight:
 
 def crd_problems(crds: dict[str, dict[str, Any] | None]) -> list[str]:
     """What is wrong with the KubeRay CRDs found (None: not installed), by name: a CRD missing, not serving
-    ray.io/v1, or (the RayService's) without a field the chart sets."""
+    ray.io/v1, or without a field the chart sets."""
     problems = []
     for name, crd in crds.items():
         if crd is None:
@@ -70,15 +70,24 @@ def crd_problems(crds: dict[str, dict[str, Any] | None]) -> list[str]:
         served = [v for v in crd["spec"]["versions"] if v["name"] == KUBERAY_VERSION and v.get("served")]
         if not served:
             problems.append(f"CRD {name} does not serve {KUBERAY_VERSION}: upgrade the KubeRay operator to {KUBERAY_NEEDED}")
-        elif name == "rayservices.ray.io":
+        else:
             schema = (served[0].get("schema") or {}).get("openAPIV3Schema") or {}
             problems += [
                 f"CRD {name} has no {path}, which the chart sets (the API server would drop it): "
                 f"upgrade the KubeRay operator and its CRDs to {KUBERAY_NEEDED}"
-                for path in CHART_FIELDS
+                for path in _fields_of(name)
                 if not _has_field(schema, path)
             ]
     return problems
+
+
+def _fields_of(crd_name: str) -> list[str]:
+    """The chart's fields in a CRD: all of them in the RayService's; in the RayCluster's (which KubeRay creates
+    from the RayService's rayClusterConfig) those under rayClusterConfig, at its spec."""
+    if crd_name == "rayservices.ray.io":
+        return list(CHART_FIELDS)
+    prefix = "spec.rayClusterConfig."
+    return ["spec." + path.removeprefix(prefix) for path in CHART_FIELDS if path.startswith(prefix)]
 
 
 def _has_field(schema: dict[str, Any], path: str) -> bool:
