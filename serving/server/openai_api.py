@@ -103,8 +103,10 @@ class OpenAIServing:
         echoed = request.logprobs if request.echo else None
         asked = [k for k in (echoed, request.prompt_logprobs) if k is not None]
         names = _max_tokens_name(request)
+        # left out, max_tokens is the engine's default (16, as OpenAI's completions)
+        max_tokens = {} if (limit := _max_tokens(request)) is None else {"max_tokens": limit}
         with _engine_errors(names):
-            params = self._params(request, logprobs=request.logprobs, prompt_logprobs=max(asked) if asked else None)
+            params = self._params(request, logprobs=request.logprobs, prompt_logprobs=max(asked) if asked else None, **max_tokens)
         prompts = completion_prompts(request.prompt)
         if len(prompts) * params.n > self.limits.max_n:
             raise bad_request(f"prompts times n must be at most {self.limits.max_n}", "prompt")
@@ -125,6 +127,7 @@ class OpenAIServing:
             limit_messages(len(request.messages), self.limits)
             params = self._params(
                 request,
+                max_tokens=_max_tokens(request),  # left out: up to the context length (or the server's limit), as OpenAI's chat
                 logprobs=(request.top_logprobs or 0) if request.logprobs else None,
                 prompt_logprobs=request.prompt_logprobs,
             )
@@ -139,7 +142,7 @@ class OpenAIServing:
         if isinstance(request, TokenizeCompletionRequest):
             ids = info.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
         else:
-            with _engine_errors({}):
+            with _engine_errors({"prompt": "messages"}):
                 limit_messages(len(request.messages), self.limits)
                 ids = chat_prompt_ids(
                     info.tokenizer, _conversation(request.messages), request.add_generation_prompt, request.add_special_tokens
@@ -173,9 +176,6 @@ class OpenAIServing:
         if request.n is not None and request.n > self.limits.max_n:
             raise bad_request(f"n must be at most {self.limits.max_n}", "n")
         fields = {name: value for name in _SAMPLING_FIELDS if (value := getattr(request, name)) is not None} | overrides
-        max_tokens = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
-        if max_tokens is not None:
-            fields["max_tokens"] = max_tokens
         if request.logit_bias is not None:
             fields["logit_bias"] = _logit_bias(request.logit_bias)
         params = SamplingParams(**fields)
@@ -286,6 +286,10 @@ def _usage_options(request: SamplingRequest) -> tuple[bool, bool]:
     if options is None:
         return False, False
     return options.include_usage or options.continuous_usage_stats, options.continuous_usage_stats
+
+
+def _max_tokens(request: SamplingRequest) -> int | None:
+    return request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
 
 
 def _max_tokens_name(request: SamplingRequest) -> dict[str, str]:
