@@ -37,10 +37,14 @@ def summaries(folder: Path, repeat: int = 2, **options) -> list:
 
 
 def dequantized_copy(folder: Path, kind: str, out: Path) -> Path:
-    """`folder` with every matrix replaced by its `kind`-quantized, then dequantized, float32 values."""
+    """`folder` with every matrix replaced by its quantized, then dequantized, float32 values: the
+    layers' in `kind`, the embedding's and LM head's in int8."""
     shutil.copytree(folder, out)
     weights = load_file(folder / "model.safetensors")
-    save_file({n: quantize(w, kind).dequantize() if w.dim() == 2 else w for n, w in weights.items()}, str(out / "model.safetensors"))
+    for name, w in weights.items():
+        if w.dim() == 2:
+            weights[name] = quantize(w, "q8" if "embed_tokens" in name or "lm_head" in name else kind).dequantize()
+    save_file(weights, str(out / "model.safetensors"))
     return out
 
 
@@ -118,7 +122,7 @@ def test_int4_without_the_avx2_kernels_is_refused_with_the_reason(tiny_model, mo
 
 def test_int4_needs_inputs_in_groups_of_32(tmp_path):
     folder = make_tiny_llama(tmp_path / "tiny", hidden_size=48, num_heads=3, num_kv_heads=1)
-    with pytest.raises(QuantizationError, match="quantization 'int4' cannot hold embed_tokens: .*groups of 32.*48 inputs"):
+    with pytest.raises(QuantizationError, match="quantization 'int4' cannot hold layers.0.self_attn.qkv_proj: .*groups of 32.*48 inputs"):
         LLM(str(folder), quantization="int4", **ENGINE)
 
 
@@ -170,3 +174,9 @@ def test_config_offers_the_formats():
     assert LLMConfig.model_validate({"model": {"quantization": "int4"}}).model.quantization == "int4"
     with pytest.raises(ValueError):
         LLMConfig.model_validate({"model": {"quantization": "int3"}})
+
+
+def test_a_tied_quantized_embedding_and_lm_head_hold_one_copy(tiny_model):
+    model = LLM(str(tiny_model), quantization="int4", **ENGINE).engine.runner.model
+    assert model.embed_tokens.head is model.lm_head and model.embed_tokens.data is None
+    assert model.lm_head.kind == "q8" and model.layers[0].mlp.gate_up_proj.kind == "q4"

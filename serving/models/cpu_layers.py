@@ -64,9 +64,10 @@ class KernelRMSNorm(nn.Module):
 
 
 def tied_lm_head(embedding: nn.Module) -> nn.Module:
-    """An LM head over the input embedding's rows, to be packed into panels: a second copy of them."""
+    """An LM head over the input embedding's rows, to be packed into panels: a second copy of float
+    rows, the same copy of quantized ones."""
     if isinstance(embedding, QuantEmbedding):
-        return embedding.as_linear()
+        return embedding.tie_head()
     head = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False)
     head.weight = embedding.weight
     return head

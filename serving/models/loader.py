@@ -18,7 +18,7 @@ from tqdm import tqdm
 from serving.errors import ModelSourceError
 from serving.models.arch import ModelArch
 from serving.models.llama import GateUpProjection, LlamaForCausalLM, RotaryEmbedding
-from serving.models.quant import GROUP, KINDS, QuantEmbedding, QuantizationError, QuantizedWeight, QuantLinear, QuantRows, quantize
+from serving.models.quant import EMBEDDING_KIND, GROUP, KINDS, QuantEmbedding, QuantizationError, QuantizedWeight, QuantLinear, QuantRows, quantize
 from serving.models.safetensors_reader import SafetensorsFile
 from serving.models.source import gguf_file
 from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
@@ -94,12 +94,15 @@ def _readers(folder: Path, quantization: str) -> list:
 def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) -> dict[str, QuantizedWeight]:
     """Swap the (meta) layers that will hold quantized weights for quantized ones; returns them by name.
 
-    int8/int4: every linear layer, the LM head and the embedding (quantizing the last two costs no
-    measurable quality, benchmarks/README.md, and they are a fifth of the default model's weights).
+    int8/int4: every linear layer in that format, the LM head and the embedding in int8 (EMBEDDING_KIND).
     gguf: every layer whose checkpoint tensors are all of one type with a kernel (Q8_0, Q4_0/Q4_1).
     """
     if quantization in KINDS:
-        kinds = {name: KINDS[quantization] for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Embedding))}
+        kinds = {
+            name: EMBEDDING_KIND if isinstance(module, nn.Embedding) or name == "lm_head" else KINDS[quantization]
+            for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Embedding))
+        }
     elif quantization == "gguf":
         kinds = _gguf_kinds(model, readers[0])
     else:
@@ -113,7 +116,7 @@ def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) 
             rows, cols = layer.num_embeddings, layer.embedding_dim
         else:
             rows, cols = layer.out_features, layer.in_features
-        group = cols if kind == "q8" and quantization == "int8" else GROUP  # int8: one scale per output channel
+        group = cols if kind == "q8" and quantization in KINDS else GROUP  # int8: one scale per output channel
         try:
             if isinstance(layer, nn.Embedding):
                 replacement = QuantEmbedding(kind, rows, cols, group)
