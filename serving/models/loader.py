@@ -18,7 +18,17 @@ from tqdm import tqdm
 from serving.errors import ModelSourceError
 from serving.models.arch import ModelArch
 from serving.models.llama import GateUpProjection, LlamaForCausalLM, RotaryEmbedding
-from serving.models.quant import EMBEDDING_KIND, GROUP, KINDS, QuantEmbedding, QuantizationError, QuantizedWeight, QuantLinear, QuantRows, quantize
+from serving.models.quant import (
+    EMBEDDING_KIND,
+    GROUP,
+    KINDS,
+    QuantEmbedding,
+    QuantizationError,
+    QuantizedWeight,
+    QuantLinear,
+    QuantRows,
+    quantize,
+)
 from serving.models.safetensors_reader import SafetensorsFile
 from serving.models.source import gguf_file
 from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
