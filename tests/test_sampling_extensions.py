@@ -109,3 +109,12 @@ def test_a_stop_token_s_text_is_kept_only_with_include_stop_str_in_output(llm):
 
     assert text(max_tokens=6, stop_token_ids=[stop]) == (text(max_tokens=upto - 1) if upto > 1 else "")
     assert text(max_tokens=6, stop_token_ids=[stop], include_stop_str_in_output=True) == text(max_tokens=upto)
+
+
+def test_a_prompt_logprobs_over_the_servers_limit_names_prompt_logprobs():
+    from serving.config import LimitsConfig
+    from serving.server.limits import limit_sampling
+
+    with pytest.raises(InvalidRequestError, match="prompt_logprobs must be at most 2") as error:
+        limit_sampling(SamplingParams(prompt_logprobs=3), LimitsConfig(max_logprobs=2), max_tokens_given=False)
+    assert error.value.param == "prompt_logprobs"  # not "logprobs", which chat renames to top_logprobs

@@ -25,7 +25,7 @@ def limit_sampling(params: SamplingParams, limits: LimitsConfig, max_tokens_give
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(params, name)
         if value is not None and value > limits.max_logprobs:
-            raise InvalidRequestError(f"{name} must be at most {limits.max_logprobs} on this server", param="logprobs")
+            raise InvalidRequestError(f"{name} must be at most {limits.max_logprobs} on this server", param=name)
     if len(params.stop) > limits.max_stop_sequences:
         raise InvalidRequestError(f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop")
     if any(len(stop) > limits.max_stop_length for stop in params.stop):
