@@ -93,11 +93,23 @@ def test_tokens_per_minute_charge_prompt_then_generated_tokens():
     assert refused(limiter, "a", prompt_tokens=1) is None
 
 
-def test_no_limits_admit_everything():
-    limiter = RateLimiter(AuthConfig(require_api_key=True), Clock())
+def test_an_unset_limit_never_refuses_while_the_other_one_still_does():
+    clock = Clock()
+    requests_only = RateLimiter(AuthConfig(require_api_key=True, requests_per_minute=2), clock)
+    assert refused(requests_only, "a", prompt_tokens=10**6) is None
+    requests_only.record("a", 10**6)  # no token bucket to put in debt
+    assert refused(requests_only, "a", prompt_tokens=10**6) is None
+    assert refused(requests_only, "a").type == "requests"
+
+    tokens_only = RateLimiter(AuthConfig(require_api_key=True, tokens_per_minute=100), clock)
+    assert [refused(tokens_only, "a") for _ in range(1000)] == [None] * 1000  # no request bucket to empty
+    tokens_only.record("a", 101)
+    assert refused(tokens_only, "a").type == "tokens"
+
+    no_limits = RateLimiter(AuthConfig(require_api_key=True), clock)
     for _ in range(1000):
-        limiter.admit("a", 10**6)
-        limiter.record("a", 10**6)
+        assert refused(no_limits, "a", prompt_tokens=10**6) is None
+        no_limits.record("a", 10**6)
 
 
 # request limits
@@ -110,7 +122,7 @@ LIMITS = LimitsConfig(max_tokens=100, max_logprobs=3, max_stop_sequences=2, max_
     [
         (SamplingParams(max_tokens=101), "max_tokens"),
         (SamplingParams(logprobs=4), "logprobs"),
-        (SamplingParams(prompt_logprobs=4), "logprobs"),
+        (SamplingParams(prompt_logprobs=4), "prompt_logprobs"),
         (SamplingParams(stop=["a", "b", "c"]), "stop"),
         (SamplingParams(stop=["longer"]), "stop"),
     ],
@@ -122,7 +134,9 @@ def test_sampling_over_the_limits_is_refused(params, param):
 
 
 def test_sampling_within_the_limits_passes_and_a_missing_max_tokens_is_capped():
-    limit_sampling(SamplingParams(max_tokens=100, logprobs=3, stop=["a", "12345"]), LIMITS, max_tokens_given=True)
+    at_the_limits = SamplingParams(max_tokens=100, logprobs=3, prompt_logprobs=3, stop=["a", "12345"])
+    limit_sampling(at_the_limits, LIMITS, max_tokens_given=True)
+    assert at_the_limits == SamplingParams(max_tokens=100, logprobs=3, prompt_logprobs=3, stop=["a", "12345"])  # unchanged
     unbounded = SamplingParams(max_tokens=None)
     limit_sampling(unbounded, LIMITS, max_tokens_given=False)
     assert unbounded.max_tokens == 100

@@ -1,4 +1,5 @@
 """The server section of the config, the Serve application built from it, and the example Serve config file."""
+
 from __future__ import annotations
 
 import socket
@@ -7,12 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import ValidationError
+from ray.serve._private.build_app import build_app as serve_build_app
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.local import serve_ingress_env
 from serving.config import LLMConfig, ServerConfig
 from serving.server.autoscaling import LLMAutoscalingPolicy
-from serving.server.deployments import SERVE_CONTROLLER_ENV, _llm_options, build_app
+from serving.server.deployments import API_HEADROOM_REQUESTS, SERVE_CONTROLLER_ENV, _llm_options, build_app
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "serve_config.yaml"
 
@@ -64,7 +66,18 @@ def test_example_serve_config_is_valid_for_serve_and_for_us():
     assert app.import_path == "serving.server.deployments:build_app"
     assert LLMConfig.model_validate(app.args).model.max_model_len == 2048
     assert document["controller_options"]["runtime_env"]["env_vars"] == SERVE_CONTROLLER_ENV
-    assert build_app(app.args) is not None
+    # what Serve does with the import path: our builder, then Serve's own step from application to deployments
+    built = serve_build_app(build_app(app.args), name=app.name)
+    deployments = {deployment.name: deployment for deployment in built.deployments}
+    assert built.ingress_deployment_name == "APIIngress" and set(deployments) == {"APIIngress", "LLMDeployment"}
+    llm, api = deployments["LLMDeployment"], deployments["APIIngress"]
+    config = LLMConfig.model_validate(app.args)
+    [llm_args] = llm.init_args
+    assert LLMConfig.model_validate(llm_args) == config  # every replica builds its engine from the whole file's config
+    assert (llm.num_replicas, llm.max_ongoing_requests, llm.max_queued_requests) == (1, 64, 128)
+    handle, api_args = api.init_args
+    assert handle.deployment_name == "LLMDeployment" and LLMConfig.model_validate(api_args) == config
+    assert api.max_ongoing_requests == 64 * 1 + 128 + API_HEADROOM_REQUESTS  # the LLM capacity and its queue, plus room
 
 
 def test_the_settings_we_give_serve_are_ones_it_reads():
