@@ -18,9 +18,9 @@ PROMPTS = ["The capital of France is", "1, 2, 3,", "Tokyo 東京 🎌 and", "def
 PARAMS = SamplingParams(max_tokens=8, temperature=0, logprobs=5, prompt_logprobs=3, ignore_eos=True)
 
 
-def _config(folder, tp: int, pp: int, **engine) -> LLMConfig:
+def _config(folder, tp: int, pp: int, quantization: str = "none", **engine) -> LLMConfig:
     return LLMConfig(
-        model=ModelConfig(source=str(folder), max_model_len=256),
+        model=ModelConfig(source=str(folder), max_model_len=256, quantization=quantization),
         engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.01, **engine),
         parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, placement_timeout_s=10),
     )
@@ -37,6 +37,19 @@ def test_parallel_layouts_match_single_worker(cluster, tiny_model, tp, pp):
         stage_nodes = [nodes[s * tp] for s in range(pp)]
         assert all(nodes[s * tp + r] == stage_nodes[s] for s in range(pp) for r in range(tp))  # a TP group shares a node
         assert len(set(stage_nodes)) == pp  # stages on different nodes
+    finally:
+        llm.engine.runner.shutdown()
+    assert [o[0] for o in outputs] == [r[0] for r in reference]
+    assert max_summary_difference(outputs, reference) < 1e-4
+
+
+@pytest.mark.slow
+def test_quantized_tp2xpp2_matches_single_worker(cluster, tiny_model):
+    """int4 layers with an int8 embedding and LM head, split over stages (the tied head on the last) and ranks."""
+    reference = [output_summary(o) for o in LLM(config=_config(tiny_model, 1, 1, "int4")).generate(PROMPTS, PARAMS, use_tqdm=False)]
+    llm = LLM(config=_config(tiny_model, 2, 2, "int4", max_num_batched_tokens=16))
+    try:
+        outputs = [output_summary(o) for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
     finally:
         llm.engine.runner.shutdown()
     assert [o[0] for o in outputs] == [r[0] for r in reference]
