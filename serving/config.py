@@ -110,6 +110,9 @@ class LimitsConfig(_Strict):
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings in one request.")
     max_stop_length: int = Field(256, gt=0, description="Longest stop string in characters.")
     max_messages: int = Field(2048, gt=0, description="Most messages in one chat request.")
+    max_grammar_bytes: int = Field(
+        32768, gt=0, description="Largest output constraint (JSON schema, regex, choices or grammar) in bytes of UTF-8 text."
+    )
 
 
 class AuthConfig(_Strict):
