@@ -329,3 +329,15 @@ def test_async_engine_raises_a_build_error_in_the_callers_thread(tmp_path):
     """The model is built on the engine's thread; what goes wrong there reaches the caller with its type."""
     with pytest.raises(ModelSourceError):
         AsyncLLMEngine(LLMConfig(model=ModelConfig(source=str(tmp_path / "does-not-exist"))))
+
+
+def test_n_siblings_fork_when_no_kv_block_is_free_for_the_partial_prompt_block(tiny_model):
+    """32 blocks of 4 and a 125-token prompt: the parent fills every block, so its sibling has no block to copy the
+    partial last one into. It recomputes that tail itself instead of stopping the engine."""
+    block_bytes = 2 * 3 * 2 * 16 * 4 * 4  # K and V, 3 layers, 2 KV heads of 16, float32, 4 tokens
+    llm = LLM(str(tiny_model), block_size=4, kv_cache_memory_gb=32 * block_bytes / 2**30, max_model_len=128)
+    prompt = list(range(3, 128))  # 125 tokens
+    params = SamplingParams(n=2, max_tokens=2, temperature=0, ignore_eos=True)
+    [output] = llm.generate([prompt], params, use_tqdm=False)
+    [single] = llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert [choice.token_ids for choice in output.outputs] == [single.outputs[0].token_ids] * 2

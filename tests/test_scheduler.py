@@ -208,12 +208,6 @@ def test_forked_siblings_run_at_once_and_copy_the_partial_prompt_block_before_th
     assert scheduler.blocks.num_free_blocks == 16
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=MemoryError,
-    reason="BlockManager.fork raises MemoryError when no block is free for the partial prompt block, "
-    "which stops the engine (EngineDeadError) instead of waiting or preempting",
-)
 def test_a_fork_with_no_block_free_waits_for_one_instead_of_failing():
     scheduler = make(3)
     parent = new_request("p", tokens(0, 10), n=2)  # its prompt fills all three blocks

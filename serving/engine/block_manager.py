@@ -124,8 +124,9 @@ class BlockManager:
         child.num_computed_tokens = parent.num_computed_tokens
         if num_full == len(parent.block_table):
             return None
-        if not self.allocate_slots(child, 0):
-            raise MemoryError("no KV block free for a forked sequence")
+        if not self.allocate_slots(child, 0):  # no block for a copy: the child computes its partial tail itself
+            child.num_computed_tokens = num_full * self.block_size
+            return None
         return parent.block_table[num_full], child.block_table[-1]
 
     def free(self, seq: Sequence) -> None:
