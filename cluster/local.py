@@ -52,7 +52,7 @@ class LocalCluster:
 
 
 def serve_ingress_env() -> dict[str, str]:
-    """Environment for a Ray node whose Serve HTTP ingress (HAProxy, serving/server/deployments.py) must not
+    """Environment for a Ray node whose Serve HTTP ingress (HAProxy, serving/server/serve_env.py) must not
     collide with another Serve instance on this machine: free ports instead of Ray's fixed ones (HAProxy's
     metrics on 9101 and stats page on 8404, both bound to every interface, and the fallback proxy on 8500 and
     9500). Its files need nothing: Ray keeps them in a folder per node. HAProxy runs without splicing

@@ -121,7 +121,7 @@ def test_killing_the_llm_replica_fails_its_requests_and_serve_restarts_it(server
 
 
 def _haproxy_pids() -> list[int]:
-    """The HAProxy processes Serve's proxy managers run (Serve's HTTP ingress here, serving/server/deployments.py)."""
+    """The HAProxy processes Serve's proxy managers run (Serve's HTTP ingress here, serving/server/serve_env.py)."""
     return sorted(p.pid for p in psutil.Process().children(recursive=True) if p.name() == "haproxy")
 
 

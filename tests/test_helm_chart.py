@@ -19,7 +19,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serving.config import LLMConfig, ServerConfig
-from serving.server.deployments import SERVE_CONTROLLER_ENV
+from serving.server.serve_env import SERVE_CONTROLLER_ENV
 from serving.server.replica_resources import replica_actor_options
 from tests.chart import (
     CHART,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from serving.config import LLMConfig
-from serving.server.deployments import APIIngress
+from serving.server.api_ingress import APIIngress
 from tests.chart import (
     CHART,
     EXAMPLES,

@@ -21,7 +21,8 @@ from ray import serve
 from cluster import local
 from cluster.placement import PlacementError, place_workers
 from serving.config import LLMConfig
-from serving.server.deployments import SERVE_CONTROLLER_ENV, deploy
+from serving.server.deployments import deploy
+from serving.server.serve_env import SERVE_CONTROLLER_ENV
 from serving.server.llm_replica import LLMDeployment
 from tests.autoscaling_cluster import AutoscalingCluster, start
 

@@ -399,7 +399,7 @@ def _long_stream(server: str) -> requests.Response:
 
 def test_full_queue_gets_503_with_retry_after(server):
     """A burst three times what the replica runs and queues, sent at once: Serve's own queue check let 15-17 of 36
-    through at a limit of 12 (serving/server/deployments.py, ServeLLMClient); no more than the limit may be served."""
+    through at a limit of 12 (serving/server/llm_client.py, ServeLLMClient); no more than the limit may be served."""
     answers: list[tuple[int, str | None, bytes]] = []  # status, Retry-After, body of the refused
     lock = threading.Lock()
     release = threading.Event()

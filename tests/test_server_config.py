@@ -14,7 +14,8 @@ from ray.serve.schema import ServeDeploySchema
 from cluster.local import serve_ingress_env
 from serving.config import LLMConfig, ServerConfig
 from serving.server.autoscaling import LLMAutoscalingPolicy
-from serving.server.deployments import API_HEADROOM_REQUESTS, SERVE_CONTROLLER_ENV, _llm_options, build_app
+from serving.server.deployments import API_HEADROOM_REQUESTS, _llm_options, build_app
+from serving.server.serve_env import SERVE_CONTROLLER_ENV
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "serve_config.yaml"
 

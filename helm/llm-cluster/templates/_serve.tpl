@@ -109,7 +109,7 @@ proxy_location: EveryNode
 http_options:
   host: 0.0.0.0
   port: {{ include "llm-cluster.apiPort" . }}
-# SERVE_CONTROLLER_ENV of serving/server/deployments.py, through files/project-defaults.yaml
+# SERVE_CONTROLLER_ENV of serving/server/serve_env.py, through files/project-defaults.yaml
 controller_options:
   runtime_env:
     env_vars:
