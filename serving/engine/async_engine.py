@@ -137,11 +137,13 @@ class AsyncLLMEngine:
         self._keep_stats(await asyncio.to_thread(self._abort_locked, request_id))
 
     def _add_locked(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Runs in a worker thread: waiting for the lock (held during a step) must not block the event loop."""
+        """Runs in a worker thread: waiting for the lock (held during a step) must not block the event loop.
+        An output constraint compiles before the lock is taken, so a big grammar does not hold up the steps."""
+        matcher = self.engine.compile_constraint(params)
         with self._lock:
             if not self.engine.has_unfinished_requests():
                 self.last_progress = time.monotonic()
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, matcher)
             if not self._stepping:
                 self._stepping = True
                 self._thread.submit(self._run)

@@ -1,11 +1,13 @@
 """The synchronous engine: accepts requests, runs scheduler + model steps, reports outputs."""
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from pathlib import Path
 
 import torch
+from llguidance import LLMatcher
 
 from serving.config import LLMConfig
 from serving.engine.block_manager import BlockManager
@@ -16,11 +18,14 @@ from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from serving.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
 from serving.engine.stats import EngineStepStats, mark_scheduled, mark_token
+from serving.engine.structured import GrammarCompiler, MaskFiller, StepMasks, apply_masks
 from serving.errors import ContextLengthError, InvalidRequestError
 from serving.models.arch import ModelArch, model_limits
 from serving.models.source import resolve_model
 from serving.parallel.tensor import SINGLE, TensorParallel
 from serving.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -59,7 +64,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.engine, config.parallel.pipeline_parallel)
         self.requests: dict[str, Request] = {}
         self.pipeline_depth = config.parallel.pipeline_parallel
-        self.in_flight: deque[tuple[SchedulerOutput, list[SeqChunk], object]] = deque()
+        self.in_flight: deque[tuple[SchedulerOutput, list[SeqChunk], object, StepMasks | None]] = deque()
+        self.grammars = GrammarCompiler(self.model_dir / "tokenizer.json", self.vocab_size, self.tokenizer.eos_token_ids)
+        self.masks = MaskFiller(self.vocab_size)
+        self.constrained: set[Sequence] = set()  # unfinished sequences with an output constraint
         self.stats: EngineStepStats | None = EngineStepStats() if collect_stats else None
 
     def _max_model_len(self, limit: int) -> int:
@@ -70,18 +78,32 @@ class LLMEngine:
 
     # requests in
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Queue a request; raises InvalidRequestError (or ContextLengthError) if it cannot run."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, matcher: LLMatcher | None = None) -> None:
+        """Queue a request; raises InvalidRequestError (or ContextLengthError) if it cannot run.
+
+        A request with an output constraint takes `matcher` from `compile_constraint`, which callers
+        that step the engine from another thread run before, outside the step lock; left out, it is compiled here.
+        """
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         prompt_ids = self._prompt_ids(prompt)
         self._check_length(len(prompt_ids), params)
         self._check_token_ids(params)
+        if params.constraint is not None and matcher is None:
+            matcher = self.compile_constraint(params)
         request = Request(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params)
         seq = self._new_sequence(request, 0, prompt_ids)
+        if matcher is not None:
+            seq.matcher = matcher
+            self.constrained.add(seq)
         request.seqs.append(seq)
         self.requests[request_id] = request
         self.scheduler.add(seq)
+
+    def compile_constraint(self, params: SamplingParams) -> LLMatcher | None:
+        """A fresh matcher for the request's output constraint (None without one); safe from any thread.
+        Compiled grammars are cached by content; raises InvalidRequestError if the constraint does not compile."""
+        return None if params.constraint is None else self.grammars.matcher(params.constraint)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -127,6 +149,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+                self._drop_matcher(seq)
         if self.stats is not None:
             self.stats.record_finished(request)
         return self._output(request)
@@ -148,12 +171,14 @@ class LLMEngine:
                 break
             chunks = [self._chunk(item) for item in scheduled.scheduled]
             handle = self.runner.submit(StepInput(chunks, scheduled.block_copies))
+            # while the model runs (on CUDA, or in workers), the constrained sequences' next-token masks
+            masks = self._fill_masks(scheduled, chunks) if self.constrained else None
             self.scheduler.launched(scheduled)
             mark_scheduled(scheduled.scheduled)
-            self.in_flight.append((scheduled, chunks, handle))
+            self.in_flight.append((scheduled, chunks, handle, masks))
         if not self.in_flight:
             return []
-        scheduled, chunks, handle = self.in_flight.popleft()
+        scheduled, chunks, handle, masks = self.in_flight.popleft()
         logits = self.runner.collect(handle)
         self.scheduler.landed(scheduled)
         for i, rows in logits.prompt_logits.items():
@@ -162,7 +187,7 @@ class LLMEngine:
         keep = [k for k, seq in enumerate(sampled) if not seq.is_finished]  # not aborted while in flight
         sampling, sample_logits = [sampled[k] for k in keep], take_rows(logits.sample_logits, keep)
         touched: dict[str, Request] = {}
-        for seq, token, logprob in self._sample(sampling, sample_logits):
+        for seq, token, logprob in self._sample(sampling, sample_logits, masks):
             self._append_token(seq, token, logprob)
             touched[seq.request.request_id] = seq.request
         outputs = []
@@ -180,8 +205,15 @@ class LLMEngine:
         wants_prompt_logits = seq.request.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1
         return SeqChunk(seq.token_ids[start : start + item.num_new_tokens], start, list(seq.block_table), item.completes, wants_prompt_logits)
 
-    def _sample(self, sampling: list[Sequence], sample_logits: torch.Tensor):
-        """Sample each completing sequence; a parent finishing its prompt also samples its n-1 siblings."""
+    def _fill_masks(self, scheduled: SchedulerOutput, chunks: list[SeqChunk]) -> StepMasks | None:
+        return self.masks.fill([item.seq for item, chunk in zip(scheduled.scheduled, chunks) if chunk.sample])
+
+    def _sample(self, sampling: list[Sequence], sample_logits: torch.Tensor, masks: StepMasks | None):
+        """Sample each completing sequence; a parent finishing its prompt also samples its n-1 siblings.
+
+        `masks` restricts constrained sequences to the tokens their grammar allows; a sibling, forked
+        before any output, starts from its parent's matcher state and so takes its parent's mask row.
+        """
         rows, seqs = [], []
         for row, seq in enumerate(sampling):
             rows.append(row)
@@ -190,13 +222,22 @@ class LLMEngine:
             if seq.index == 0 and len(request.seqs) < request.params.n:
                 for index in range(1, request.params.n):
                     sibling = self._new_sequence(request, index, seq.token_ids)
+                    if seq.matcher is not None:
+                        sibling.matcher = seq.matcher.deep_copy()
+                        self.constrained.add(sibling)
                     self.scheduler.add_forked(sibling, self.blocks.fork(seq, sibling))
                     request.seqs.append(sibling)
                     rows.append(row)
                     seqs.append(sibling)
         if not seqs:
             return []
-        tokens, logprobs = sample(take_rows(sample_logits, rows), seqs, self.tokenizer.eos_token_ids)
+        logits = take_rows(sample_logits, rows)
+        if masks is not None:
+            masked = [(i, masks.rows[sampling[row]]) for i, row in enumerate(rows) if sampling[row] in masks.rows]
+            if masked:
+                targets, sources = zip(*masked)
+                apply_masks(logits, list(targets), take_rows(masks.bitmask, list(sources)))
+        tokens, logprobs = sample(logits, seqs, self.tokenizer.eos_token_ids)
         return zip(seqs, tokens, logprobs)
 
     @staticmethod
@@ -233,8 +274,18 @@ class LLMEngine:
         seq.text += seq.detokenizer.add(token)
         if params.stop and len(seq.token_ids) - seq.num_prompt_tokens > params.min_tokens and self._hit_stop_string(seq, params):
             return
+        if seq.matcher is not None and not self._advance_matcher(seq, token):
+            return self._finish(seq, "stop")
         if len(seq.output_token_ids) >= (params.max_tokens or self.max_model_len) or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length")
+
+    @staticmethod
+    def _advance_matcher(seq: Sequence, token: int) -> bool:
+        """Feed the sampled token to the sequence's grammar; False once the grammar allows nothing more."""
+        if not seq.matcher.consume_token(token):  # the mask allowed it, so only a fault in the matcher gets here
+            logger.warning("request %s: the grammar refused token %d: %s", seq.request.request_id, token, seq.matcher.get_error())
+            return False
+        return not seq.matcher.is_stopped()
 
     def _hit_stop_string(self, seq: Sequence, params: SamplingParams) -> bool:
         window_start = max(0, len(seq.text) - max(len(s) for s in params.stop) - 16)
@@ -252,6 +303,12 @@ class LLMEngine:
             seq.text += seq.detokenizer.finish()
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
+        self._drop_matcher(seq)
+
+    def _drop_matcher(self, seq: Sequence) -> None:
+        if seq.matcher is not None:
+            seq.matcher = None
+            self.constrained.discard(seq)
 
     def _output(self, request: Request) -> RequestOutput:
         holdback = max((len(s) for s in request.params.stop), default=1) - 1

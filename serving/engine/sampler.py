@@ -16,7 +16,8 @@ def sample(
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Sample one token for each row of `logits` [N, V]; row i belongs to seqs[i].
 
-    Logprobs are those of the model's own distribution, before penalties, logit_bias and min_tokens;
+    Logprobs are those of the distribution the rows hold (the model's, after the engine masked the tokens
+    an output constraint forbids), before penalties, logit_bias and min_tokens;
     `eos_token_ids` are masked (with each request's stop_token_ids) while a request is short of min_tokens.
     """
     params = [seq.request.params for seq in seqs]

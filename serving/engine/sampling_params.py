@@ -2,11 +2,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from serving.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
+
+
+ConstraintKind = Literal["json", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """What the output must match; the engine compiles it (serving/engine/structured.py).
+
+    `spec` is the JSON schema as JSON text ("json"), a regular expression ("regex"), the allowed
+    strings as a JSON list ("choice"), or a Lark grammar in llguidance's syntax ("grammar").
+    Equal constraints share one compiled grammar.
+    """
+
+    kind: ConstraintKind
+    spec: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json", "regex", "choice", "grammar"):
+            raise InvalidRequestError(f"unknown constraint kind {self.kind!r}", param="constraint")
 
 
 @dataclass
@@ -30,6 +51,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
+    constraint: OutputConstraint | None = None  # only tokens that keep the output matching it are sampled
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -4,11 +4,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 # one entry per token: (logprob of the token, {token id: logprob} of the top candidates, most likely first)
 TokenLogprob = tuple[float, dict[int, float]]
@@ -25,7 +29,7 @@ class SeqStatus(enum.Enum):
 class Sequence:
     """One completion of a request: the prompt plus the tokens sampled so far."""
 
-    def __init__(self, request: "Request", index: int, token_ids: list[int], detokenizer: IncrementalDetokenizer) -> None:
+    def __init__(self, request: Request, index: int, token_ids: list[int], detokenizer: IncrementalDetokenizer) -> None:
         self.request = request
         self.index = index
         self.token_ids = list(token_ids)
@@ -42,6 +46,7 @@ class Sequence:
         self.text = ""
         self.logprobs: list[TokenLogprob] = []
         self.generator: torch.Generator | None = None
+        self.matcher: LLMatcher | None = None  # the output constraint's state after the tokens sampled so far
         self.num_emitted_tokens = 0  # output tokens already reported to the caller
         self.num_emitted_chars = 0
         self.last_token_time: float | None = None  # when the latest output token was sampled (metrics)
