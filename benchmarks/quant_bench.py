@@ -1,0 +1,196 @@
+"""Quantized weights (issue 22): speed, resident memory and quality of each format, in one run.
+
+    python -m benchmarks.quant_bench                  # speed: batch 1 and 32, 128 greedy tokens, ours and llama.cpp
+    python -m benchmarks.quant_bench --quality        # perplexity on tests/data/held_in.txt, greedy agreement
+    python -m benchmarks.quant_bench --no-peers       # speed without llama.cpp
+
+Speed: every format of ours (float32, int8, int4, the default model's own Q4_1 file served with
+`gguf`) and llama.cpp's Q8_0 and Q4_1 (through benchmarks/peers/llama_cpp_batch.py in the peers'
+venv, see benchmarks/peers/setup_peers.sh) stay loaded; each round runs all of them one after the
+other at batch 1, then at batch 32 (prompts of 16 tokens, 128 output tokens each, ignore_eos), and
+the ratios to our float32 are taken within each round, because this shared 2-core machine's speed
+drifts from minute to minute. Reported: the median over rounds of each ratio, and of tok/s.
+
+Memory: the bytes of every weight a loaded model holds (parameters and buffers, the rotary tables
+left out), as a ratio to float32's.
+
+Quality: perplexity of each format on the held-in text (3,266 tokens) from the engine's prompt
+logprobs, and greedy agreement with float32 over the first 32 tokens of 16 prompts (how many
+prompts give the same 32 tokens, and the mean number of tokens before the first difference).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from serving.engine.llm import LLM
+from serving.engine.sampling_params import SamplingParams
+from serving.models.source import default_model_dir, gguf_file
+
+FORMATS = ("none", "int8", "int4", "gguf")
+HELD_IN = Path(__file__).resolve().parents[1] / "tests" / "data" / "held_in.txt"
+PEERS = Path("/opt/peers")
+PROMPTS = [
+    "The history of the Roman Empire began when",
+    "Write a short poem about the ocean at night.",
+    "Explain how a paged KV cache works in simple words.",
+    "List three reasons why the sky appears blue today.",
+    "My favourite recipe for a quick vegetable soup is",
+    "Describe the rules of chess to a curious beginner.",
+    "What are the main differences between cats and dogs?",
+    "Summarise the plot of a detective novel you like.",
+    "The best way to learn a new language is",
+    "In the year 2050, cities will",
+    "A good friend is someone who",
+    "The main causes of the French Revolution were",
+    "To repair a bicycle tyre, first",
+    "Photosynthesis is the process by which",
+    "def quicksort(items):",
+    "The three primary colours are",
+]
+
+
+def engine(quantization: str, max_model_len: int = 1024, kv_gb: float = 0.5) -> LLM:
+    return LLM("default", quantization=quantization, max_num_seqs=32, max_model_len=max_model_len, kv_cache_memory_gb=kv_gb)
+
+
+def make_prompts(tokenizer, count: int) -> list[list[int]]:
+    """`count` prompts of 16 tokens (numbered, so that no two share a prefix in the cache)."""
+    prompts = []
+    for i in range(count):
+        ids = tokenizer.encode(f"{i}. {PROMPTS[i % len(PROMPTS)]} {PROMPTS[(i + 1) % len(PROMPTS)]}")
+        prompts.append(ids[:16])
+    return prompts
+
+
+def time_ours(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
+    """Output tokens per second."""
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+    return len(prompts) * output_len / elapsed
+
+
+class LlamaCpp:
+    """A llama.cpp model kept loaded in a child process of the peers' venv, timed on request."""
+
+    def __init__(self, python: Path, gguf: Path, threads: int, max_batch: int, context: int) -> None:
+        script = Path(__file__).with_name("peers") / "llama_cpp_batch.py"
+        command = [str(python), str(script), str(gguf), "--threads", str(threads), "--max-batch", str(max_batch), "--context", str(context)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert json.loads(self.process.stdout.readline())["ready"]
+
+    def tokens_per_second(self, prompts: list[list[int]], output_len: int) -> float:
+        self.process.stdin.write(json.dumps({"prompts": prompts, "output_len": output_len}) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())["tokens_per_second"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def weight_bytes(llm: LLM) -> int:
+    model = llm.engine.runner.model
+    tensors = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if not name.startswith("rotary.")}
+    return sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
+
+
+def speed(args: argparse.Namespace) -> dict:
+    ours = {q: engine(q) for q in args.formats}
+    memory = {q: weight_bytes(llm) for q, llm in ours.items()}
+    tokenizer = ours[args.formats[0]].tokenizer
+    peers: dict[str, LlamaCpp] = {}
+    if args.peers:
+        python = PEERS / "llamacpp" / "bin" / "python"
+        q8_0 = PEERS / "models" / "SmolLM2-135M-Instruct-Q8_0.gguf"
+        peers = {
+            "llama.cpp Q8_0": LlamaCpp(python, q8_0, args.threads, 32, 32 * (16 + args.output_len + 16)),
+            "llama.cpp Q4_1": LlamaCpp(python, gguf_file(default_model_dir()), args.threads, 32, 32 * (16 + args.output_len + 16)),
+        }
+    rounds: dict[int, list[dict[str, float]]] = {b: [] for b in args.batch_sizes}
+    for r in range(args.rounds):
+        for batch in args.batch_sizes:
+            prompts = make_prompts(tokenizer, batch)
+            figures = {q: time_ours(llm, prompts, args.output_len) for q, llm in ours.items()}
+            figures |= {name: peer.tokens_per_second(prompts, args.output_len) for name, peer in peers.items()}
+            rounds[batch].append(figures)
+            print(f"round {r + 1} batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), flush=True)
+    for peer in peers.values():
+        peer.close()
+    result = {"memory_bytes": memory, "memory_vs_float32": {q: b / memory["none"] for q, b in memory.items()}, "batches": {}}
+    for batch, figures in rounds.items():
+        names = list(figures[0])
+        result["batches"][batch] = {
+            name: {
+                "tok_s": statistics.median(f[name] for f in figures),
+                "vs_float32": statistics.median(f[name] / f["none"] for f in figures),
+                "rounds": [round(f[name], 1) for f in figures],
+            }
+            for name in names
+        }
+    return result
+
+
+def perplexity(llm: LLM, text: str) -> tuple[float, int]:
+    """exp(mean negative log-likelihood) of every token of `text` after the first, and the count."""
+    output = llm.generate([text], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0), use_tqdm=False)[0]
+    logprobs = [entry[0] for entry in output.prompt_logprobs if entry is not None]
+    return math.exp(-sum(logprobs) / len(logprobs)), len(logprobs)
+
+
+def quality(args: argparse.Namespace) -> dict:
+    text = HELD_IN.read_text(encoding="utf-8")
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    result: dict = {}
+    reference: list[list[int]] = []
+    for q in args.formats:
+        llm = engine(q, max_model_len=4096, kv_gb=0.5)
+        ppl, count = perplexity(llm, text)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        if q == "none":
+            reference = tokens
+        common = [next((i for i, (a, b) in enumerate(zip(t, r)) if a != b), len(t)) for t, r in zip(tokens, reference)]
+        result[q] = {
+            "perplexity": ppl,
+            "tokens": count,
+            "identical_prompts": sum(c == 32 for c in common),
+            "mean_common_prefix": statistics.mean(common),
+        }
+        result[q]["vs_float32"] = ppl / result["none"]["perplexity"]
+        print(q, result[q], flush=True)
+        del llm
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quality", action="store_true", help="perplexity and greedy agreement instead of speed")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="ours; 'none' (float32) must come first")
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="leave llama.cpp out")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_bench.json"))
+    args = parser.parse_args()
+    if args.formats[0] != "none":
+        parser.error("the formats must start with 'none', the float32 baseline")
+    result = quality(args) if args.quality else speed(args)
+    result["settings"] = {k: str(v) for k, v in vars(args).items()} | {"command": " ".join(sys.argv)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out.with_name(args.out.stem + ("-quality" if args.quality else "") + args.out.suffix)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
