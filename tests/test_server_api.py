@@ -5,17 +5,21 @@ One application serves the whole module (start-up is the slow part); traffic goe
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Annotated
 
+import jsonschema
 import pytest
 import ray
 import requests
 from openai import OpenAI
 from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, Field
 from serve_app import served
 
 from serving.config import LLMConfig
@@ -301,6 +305,68 @@ def test_tokenize_and_detokenize_like_vllm(server, client, tokenizer):
     assert post("detokenize", {"tokens": chat["tokens"]})["prompt"].startswith("<|im_start|>")
 
 
+# structured output (docs/structured-output.md)
+
+
+class City(BaseModel):
+    name: str = Field(max_length=24)
+    country: str = Field(max_length=24)
+    population: int = Field(ge=0, le=10**9)
+    landmarks: list[Annotated[str, Field(max_length=24)]] = Field(min_length=1, max_length=3)
+
+
+def test_chat_parse_returns_the_pydantic_object(client):
+    completion = client.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "Describe Paris as JSON."}], response_format=City, temperature=0, max_tokens=200
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, City)
+    assert choice.message.parsed == City.model_validate_json(choice.message.content)
+
+
+GRAMMAR = 'start: "(" num (op num)* ")"\nop: "+" | "*"\nnum: /[0-9]{1,3}/'
+PHONE = "[0-9]{3}-[0-9]{4}"
+ITEM = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["id"], "additionalProperties": False}
+CONSTRAINED = [
+    ({"structured_outputs": {"regex": PHONE}}, lambda text: re.fullmatch(PHONE, text)),
+    ({"guided_regex": PHONE}, lambda text: re.fullmatch(PHONE, text)),
+    ({"structured_outputs": {"choice": ["red", "green", "blue"]}}, lambda text: text in ("red", "green", "blue")),
+    ({"guided_choice": ["yes", "no"]}, lambda text: text in ("yes", "no")),
+    ({"structured_outputs": {"grammar": GRAMMAR}}, lambda text: re.fullmatch(r"\([0-9]{1,3}([+*][0-9]{1,3})*\)", text)),
+    ({"guided_grammar": GRAMMAR}, lambda text: re.fullmatch(r"\([0-9]{1,3}([+*][0-9]{1,3})*\)", text)),
+    ({"structured_outputs": {"json": ITEM}}, lambda text: jsonschema.validate(json.loads(text), ITEM) is None),
+    ({"guided_json": json.dumps(ITEM)}, lambda text: jsonschema.validate(json.loads(text), ITEM) is None),
+]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_structured_outputs_and_guided_fields_are_followed(client, endpoint):
+    for extra, matches in CONSTRAINED:
+        args = {"model": MODEL, "temperature": 1.0, "seed": 7, "max_tokens": 60, "extra_body": extra}
+        if endpoint == "chat":
+            choice = client.chat.completions.create(messages=[{"role": "user", "content": "Answer."}], **args).choices[0]
+            text = choice.message.content
+        else:
+            choice = client.completions.create(prompt="Answer:", **args).choices[0]
+            text = choice.text
+        assert choice.finish_reason == "stop" and matches(text), (extra, text)
+
+
+def test_json_object_streams_into_one_object(client):
+    args = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Give a JSON object with a name and an age."}],
+        "response_format": {"type": "json_object"},
+        "temperature": 0,
+        "max_tokens": 120,
+    }
+    whole = client.chat.completions.create(**args).choices[0]
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.message.content and whole.finish_reason == "stop"
+    assert isinstance(json.loads(text), dict)
+
+
 # what is refused, and how
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -318,11 +384,21 @@ BAD_REQUESTS = [
     ("top_logprobs=50", "chat/completions", CHAT | {"logprobs": True, "top_logprobs": 50}, 400, "top_logprobs", []),
     ("logprobs=50", "completions", COMPLETION | {"logprobs": 50}, 400, "logprobs", []),
     ("suffix", "completions", COMPLETION | {"suffix": "end"}, 400, "suffix", ["suffix"]),
-    ("json response_format", "chat/completions", CHAT | {"response_format": {"type": "json_object"}}, 400, "response_format", []),
+    ("json_schema without a schema", "chat/completions", CHAT | {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format", ["schema"]),
+    ("unknown response_format", "chat/completions", CHAT | {"response_format": {"type": "xml"}}, 400, "response_format", []),
+    ("unsupported schema keyword", "chat/completions", CHAT | {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, 400, "response_format", ["uniqueItems"]),
+    ("regex that does not compile", "completions", COMPLETION | {"structured_outputs": {"regex": "a(b"}}, 400, "structured_outputs", ["regex"]),
+    ("grammar that does not compile", "chat/completions", CHAT | {"guided_grammar": "start: nothing"}, 400, "guided_grammar", ["nothing"]),
+    ("guided_json not JSON", "completions", COMPLETION | {"guided_json": "{oops"}, 400, "guided_json", ["JSON"]),
+    ("empty guided_choice", "completions", COMPLETION | {"guided_choice": []}, 400, "guided_choice", ["choice"]),
+    ("constraint over the size limit", "completions", COMPLETION | {"guided_regex": "a" * 40000}, 400, "guided_regex", ["40000", "32768"]),
+    ("two constraints", "completions", COMPLETION | {"guided_regex": "a", "guided_choice": ["b"]}, 400, "guided_choice", ["guided_regex"]),
+    ("structured_outputs with two kinds", "chat/completions", CHAT | {"structured_outputs": {"regex": "a", "choice": ["b"]}}, 400, "structured_outputs", []),
+    ("unknown structured_outputs field", "completions", COMPLETION | {"structured_outputs": {"structural_tag": "x"}}, 400, "structured_outputs", []),
     ("stream_options without stream", "completions", COMPLETION | {"stream_options": {"include_usage": True}}, 400, "stream_options", []),
     ("unknown model", "completions", COMPLETION | {"model": "gpt-5"}, 404, "model", ["gpt-5"]),
     ("unknown field", "completions", COMPLETION | {"best_of": 3}, 400, "best_of", ["best_of"]),
-    ("unknown chat field", "chat/completions", CHAT | {"guided_json": {}}, 400, "guided_json", ["guided_json"]),
+    ("unknown chat field", "chat/completions", CHAT | {"guided_decoding_backend": "xgrammar"}, 400, "guided_decoding_backend", ["guided_decoding_backend"]),
     ("logit_bias out of range", "completions", COMPLETION | {"logit_bias": {"5": 200}}, 400, "logit_bias", ["100"]),
     ("logit_bias key not a token id", "chat/completions", CHAT | {"logit_bias": {"abc": 1}}, 400, "logit_bias", []),
     ("logit_bias outside the vocabulary", "completions", COMPLETION | {"logit_bias": {"999999": 1}}, 400, "logit_bias", ["49152"]),

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from serving.config import LimitsConfig
 from serving.engine.sampling_params import SamplingParams
 from serving.errors import LLMClusterError
+from serving.server.constraints import request_constraint
 from serving.server.formats import ChatFormat, CompletionFormat, Prompt, ResponseFormat, completion_prompts
 from serving.server.http_errors import (
     APIError,
@@ -102,11 +103,14 @@ class OpenAIServing:
         # echo with logprobs needs the prompt's logprobs too: the engine computes the larger top-k of the two
         echoed = request.logprobs if request.echo else None
         asked = [k for k in (echoed, request.prompt_logprobs) if k is not None]
-        names = _max_tokens_name(request)
+        constraint, constraint_field = request_constraint(request, self.limits)
+        names = _max_tokens_name(request) | _constraint_name(constraint_field)
         # left out, max_tokens is the engine's default (16, as OpenAI's completions)
         max_tokens = {} if (limit := _max_tokens(request)) is None else {"max_tokens": limit}
         with _engine_errors(names):
-            params = self._params(request, logprobs=request.logprobs, prompt_logprobs=max(asked) if asked else None, **max_tokens)
+            params = self._params(
+                request, logprobs=request.logprobs, prompt_logprobs=max(asked) if asked else None, constraint=constraint, **max_tokens
+            )
         prompts = completion_prompts(request.prompt)
         if len(prompts) * params.n > self.limits.max_n:
             raise bad_request(f"prompts times n must be at most {self.limits.max_n}", "prompt")
@@ -122,7 +126,8 @@ class OpenAIServing:
         info = await self._model(request.model)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        names = {"prompt": "messages", "logprobs": "top_logprobs"} | _max_tokens_name(request)
+        constraint, constraint_field = request_constraint(request, self.limits)
+        names = {"prompt": "messages", "logprobs": "top_logprobs"} | _max_tokens_name(request) | _constraint_name(constraint_field)
         with _engine_errors(names):
             limit_messages(len(request.messages), self.limits)
             params = self._params(
@@ -130,6 +135,7 @@ class OpenAIServing:
                 max_tokens=_max_tokens(request),  # left out: up to the context length (or the server's limit), as OpenAI's chat
                 logprobs=(request.top_logprobs or 0) if request.logprobs else None,
                 prompt_logprobs=request.prompt_logprobs,
+                constraint=constraint,
             )
             prompt = _chat_prompt(request.messages, info.tokenizer)
             limit_prompt(prompt.token_ids, self.limits)
@@ -295,6 +301,11 @@ def _max_tokens(request: SamplingRequest) -> int | None:
 def _max_tokens_name(request: SamplingRequest) -> dict[str, str]:
     """Errors about max_tokens name the field the request used."""
     return {} if request.max_completion_tokens is None else {"max_tokens": "max_completion_tokens"}
+
+
+def _constraint_name(field: str | None) -> dict[str, str]:
+    """Errors about the output constraint name the field that carried it."""
+    return {} if field is None else {"constraint": field}
 
 
 def _logit_bias(bias: dict[str, float]) -> dict[int, float]:

@@ -4,7 +4,7 @@ Sampling fields left out (or null) take the engine's defaults (`SamplingParams`)
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,16 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = Field(
         False, description="vLLM's: every chunk carries the usage so far (and the last chunk is sent as with include_usage)."
     )
+
+
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs: exactly one of its fields says what the output must match."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema the output must validate against.")
+    regex: str | None = Field(None, description="A regular expression the whole output must match.")
+    choice: list[str] | None = Field(None, description="The output is exactly one of these strings.")
+    grammar: str | None = Field(None, description="A Lark grammar in llguidance's syntax (the start rule is `start`).")
+    json_object: bool | None = Field(None, description="true: the output is any JSON object.")
 
 
 class SamplingRequest(_Body):
@@ -55,6 +65,11 @@ class SamplingRequest(_Body):
     prompt_logprobs: int | None = Field(
         None, description=f"vLLM's: logprob of each prompt token and its top [0, {MAX_LOGPROBS}] alternatives (not with stream)."
     )
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: what the output must match (docs/structured-output.md).")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older form of structured_outputs.json.")
+    guided_regex: str | None = Field(None, description="vLLM's older form of structured_outputs.regex.")
+    guided_choice: list[str] | None = Field(None, description="vLLM's older form of structured_outputs.choice.")
+    guided_grammar: str | None = Field(None, description="vLLM's older form of structured_outputs.grammar.")
 
 
 class CompletionRequest(SamplingRequest):
@@ -80,8 +95,18 @@ class ChatMessage(_Body):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(description="The schema's name; accepted and not used.")
+    description: str | None = Field(None, description="Accepted and not used.")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON schema the output must validate against.")
+    strict: bool | None = Field(None, description="Accepted: the schema is always enforced.")
+
+
 class ResponseFormat(_Body):
-    type: Literal["text"] = Field(description="Only plain text is supported.")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="'json_object': the output is a JSON object; 'json_schema': it validates against json_schema.schema."
+    )
+    json_schema: JsonSchemaFormat | None = Field(None, description="With type 'json_schema': the schema.")
 
 
 class ChatCompletionRequest(SamplingRequest):
