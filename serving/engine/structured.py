@@ -72,7 +72,7 @@ class GrammarCompiler:
         what = _DESCRIPTIONS[constraint.kind]
         try:
             grammar = _grammar(constraint)
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             raise InvalidRequestError(f"the {what} is not valid: {error}", param="constraint") from None
         matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
@@ -94,8 +94,8 @@ def _grammar(constraint: OutputConstraint) -> str:
             schema = json.loads(constraint.spec)
         except json.JSONDecodeError as error:
             raise ValueError(f"it is not JSON ({error})") from None
-        if not isinstance(schema, (dict, bool)):
-            raise ValueError("a JSON schema is an object (or true/false)")
+        if not isinstance(schema, dict):
+            raise ValueError("give the schema as a JSON object")
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
     if constraint.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(constraint.spec)

@@ -24,7 +24,10 @@ def request_constraint(request: SamplingRequest, limits: LimitsConfig) -> tuple[
     if not found:
         return None, None
     field, constraint = found[0]
-    size = len(constraint.spec.encode("utf-8"))
+    try:
+        size = len(constraint.spec.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise bad_request("the constraint holds a lone surrogate (\\ud800-\\udfff), which is not text", field) from None
     if size > limits.max_grammar_bytes:
         raise bad_request(f"the constraint is {size} bytes; this server takes at most {limits.max_grammar_bytes}", field)
     return constraint, field
