@@ -35,8 +35,9 @@ _DESCRIPTIONS = {"json": "JSON schema", "regex": "regex", "choice": "choice list
 class GrammarCompiler:
     """Compiles constraints for one model's tokenizer; safe to call from any thread.
 
-    The tokenizer is read from the model folder's tokenizer.json on first use (about a second),
-    so engines that never see a constraint never pay for it.
+    The tokenizer is read from the model folder's tokenizer.json on first use, or by `load_tokenizer`:
+    that takes one to two seconds during which llguidance holds the GIL, so a server loads it at
+    start-up rather than under its first constrained request; engines that never see one never pay it.
     """
 
     def __init__(self, tokenizer_json: Path, vocab_size: int, eos_token_ids: frozenset[int], cache_size: int = 64) -> None:
@@ -74,12 +75,13 @@ class GrammarCompiler:
             grammar = _grammar(constraint)
         except (ValueError, TypeError) as error:
             raise InvalidRequestError(f"the {what} is not valid: {error}", param="constraint") from None
-        matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+        matcher = llguidance.LLMatcher(self.load_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise InvalidRequestError(f"the {what} does not compile: {matcher.get_error()}", param="constraint")
         return matcher
 
-    def _llg_tokenizer(self) -> llguidance.LLTokenizer:
+    def load_tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's view of the model's tokenizer, read once."""
         with self._tokenizer_lock:
             if self._tokenizer is None:
                 text = self._tokenizer_json.read_text(encoding="utf-8")

@@ -32,6 +32,7 @@ class LLMDeployment:
         started = time.monotonic()
         self.config = LLMConfig.model_validate(config)
         self.engine = AsyncLLMEngine(_with_threads(self.config), collect_stats=True)  # the pusher takes them every second
+        self.engine.engine.grammars.load_tokenizer()  # now, not under the first request with an output constraint
         self.replica = serve.get_replica_context().replica_id.unique_id
         parallel, engine = self.config.parallel, self.engine.engine
         self.metrics = ReplicaMetrics(engine.model_name, self.replica, parallel.tensor_parallel, parallel.pipeline_parallel)
