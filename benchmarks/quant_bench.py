@@ -56,8 +56,10 @@ PROMPTS = [
 ]
 
 
-def engine(quantization: str, max_model_len: int = 1024, kv_gb: float = 0.5) -> LLM:
-    return LLM("default", quantization=quantization, max_num_seqs=32, max_model_len=max_model_len, kv_cache_memory_gb=kv_gb)
+def engine(quantization: str, threads: int, max_model_len: int = 1024, kv_gb: float = 0.5) -> LLM:
+    return LLM(
+        "default", quantization=quantization, max_num_seqs=32, max_model_len=max_model_len, kv_cache_memory_gb=kv_gb, num_threads=threads
+    )
 
 
 def make_prompts(tokenizer, count: int) -> list[list[int]]:
@@ -105,7 +107,7 @@ def weight_bytes(llm: LLM) -> int:
 
 
 def speed(args: argparse.Namespace) -> dict:
-    ours = {q: engine(q) for q in args.formats}
+    ours = {q: engine(q, args.threads) for q in args.formats}
     memory = {q: weight_bytes(llm) for q, llm in ours.items()}
     tokenizer = ours[args.formats[0]].tokenizer
     peers: dict[str, LlamaCpp] = {}
@@ -153,7 +155,7 @@ def quality(args: argparse.Namespace) -> dict:
     result: dict = {}
     reference: list[list[int]] = []
     for q in args.formats:
-        llm = engine(q, max_model_len=4096, kv_gb=0.5)
+        llm = engine(q, args.threads, max_model_len=4096, kv_gb=0.5)
         ppl, count = perplexity(llm, text)
         tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
         if q == "none":
@@ -179,7 +181,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads, ours and llama.cpp's")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_bench.json"))
     args = parser.parse_args()
     if args.formats[0] != "none":
