@@ -11,7 +11,7 @@ import torch
 
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import OutputConstraint, SamplingParams
-from serving.engine.structured import apply_masks
+from serving.engine.structured import _forbidden, _forbidden_on_device, apply_masks
 from serving.errors import InvalidRequestError
 
 
@@ -54,6 +54,11 @@ def test_apply_masks_changes_only_the_constrained_rows():
         kept = torch.isfinite(logits[row]).nonzero().flatten().tolist()
         assert kept == tokens
         assert torch.equal(logits[row, tokens], before[row, tokens])
+
+
+def test_bitmask_unpacks_the_same_on_cpu_and_on_devices():
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 5), dtype=torch.int32)
+    assert torch.equal(_forbidden(bitmask, torch.device("cpu")), _forbidden_on_device(bitmask))
 
 
 def test_apply_masks_forbids_tokens_past_the_tokenizers_vocabulary():
