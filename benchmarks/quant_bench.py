@@ -1,15 +1,13 @@
 """Quantized weights (issue 22): speed, resident memory and quality of each format, in one run.
 
-    python -m benchmarks.quant_bench                  # speed: batch 1 and 32, 128 greedy tokens, ours and llama.cpp
+    python -m benchmarks.quant_bench                  # speed: batch 1 and 32, 128 greedy tokens
     python -m benchmarks.quant_bench --quality        # perplexity on tests/data/held_in.txt, greedy agreement
-    python -m benchmarks.quant_bench --no-peers       # speed without llama.cpp
 
-Speed: every format of ours (float32, int8, int4, the default model's own Q4_1 file served with
-`gguf`) and llama.cpp's Q8_0 and Q4_1 (through benchmarks/peers/llama_cpp_batch.py in the peers'
-venv, see benchmarks/peers/setup_peers.sh) stay loaded; each round runs all of them one after the
-other at batch 1, then at batch 32 (prompts of 16 tokens, 128 output tokens each, ignore_eos), and
-the ratios to our float32 are taken within each round, because this shared 2-core machine's speed
-drifts from minute to minute. Reported: the median over rounds of each ratio, and of tok/s.
+Speed: every format (float32, int8, int4, the default model's own Q4_1 file served with `gguf`)
+stays loaded; each round runs all of them one after the other at batch 1, then at batch 32
+(prompts of 16 tokens, 128 output tokens each, ignore_eos), and the ratios to float32 are taken
+within each round, because this shared 2-core machine's speed drifts from minute to minute.
+Reported: the median over rounds of each ratio, and of tok/s. llama.cpp is not in this script yet.
 
 Memory: the bytes of every weight a loaded model holds (parameters and buffers, the rotary tables
 left out), as a ratio to float32's.
@@ -24,18 +22,15 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
-from serving.models.source import default_model_dir, gguf_file
 
 FORMATS = ("none", "int8", "int4", "gguf")
 HELD_IN = Path(__file__).resolve().parents[1] / "tests" / "data" / "held_in.txt"
-PEERS = Path("/opt/peers")
 PROMPTS = [
     "The history of the Roman Empire began when",
     "Write a short poem about the ocean at night.",
@@ -81,25 +76,6 @@ def time_ours(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
     return len(prompts) * output_len / elapsed
 
 
-class LlamaCpp:
-    """A llama.cpp model kept loaded in a child process of the peers' venv, timed on request."""
-
-    def __init__(self, python: Path, gguf: Path, threads: int, max_batch: int, context: int) -> None:
-        script = Path(__file__).with_name("peers") / "llama_cpp_batch.py"
-        command = [str(python), str(script), str(gguf), "--threads", str(threads), "--max-batch", str(max_batch), "--context", str(context)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert json.loads(self.process.stdout.readline())["ready"]
-
-    def tokens_per_second(self, prompts: list[list[int]], output_len: int) -> float:
-        self.process.stdin.write(json.dumps({"prompts": prompts, "output_len": output_len}) + "\n")
-        self.process.stdin.flush()
-        return json.loads(self.process.stdout.readline())["tokens_per_second"]
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
-
-
 def weight_bytes(llm: LLM) -> int:
     model = llm.engine.runner.model
     tensors = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if not name.startswith("rotary.")}
@@ -110,24 +86,13 @@ def speed(args: argparse.Namespace) -> dict:
     ours = {q: engine(q, args.threads) for q in args.formats}
     memory = {q: weight_bytes(llm) for q, llm in ours.items()}
     tokenizer = ours[args.formats[0]].tokenizer
-    peers: dict[str, LlamaCpp] = {}
-    if args.peers:
-        python = PEERS / "llamacpp" / "bin" / "python"
-        q8_0 = PEERS / "models" / "SmolLM2-135M-Instruct-Q8_0.gguf"
-        peers = {
-            "llama.cpp Q8_0": LlamaCpp(python, q8_0, args.threads, 32, 32 * (16 + args.output_len + 16)),
-            "llama.cpp Q4_1": LlamaCpp(python, gguf_file(default_model_dir()), args.threads, 32, 32 * (16 + args.output_len + 16)),
-        }
     rounds: dict[int, list[dict[str, float]]] = {b: [] for b in args.batch_sizes}
     for r in range(args.rounds):
         for batch in args.batch_sizes:
             prompts = make_prompts(tokenizer, batch)
             figures = {q: time_ours(llm, prompts, args.output_len) for q, llm in ours.items()}
-            figures |= {name: peer.tokens_per_second(prompts, args.output_len) for name, peer in peers.items()}
             rounds[batch].append(figures)
             print(f"round {r + 1} batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), flush=True)
-    for peer in peers.values():
-        peer.close()
     result = {"memory_bytes": memory, "memory_vs_float32": {q: b / memory["none"] for q, b in memory.items()}, "batches": {}}
     for batch, figures in rounds.items():
         names = list(figures[0])
@@ -177,11 +142,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quality", action="store_true", help="perplexity and greedy agreement instead of speed")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="ours; 'none' (float32) must come first")
-    parser.add_argument("--no-peers", dest="peers", action="store_false", help="leave llama.cpp out")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads, ours and llama.cpp's")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_bench.json"))
     args = parser.parse_args()
     if args.formats[0] != "none":
