@@ -209,6 +209,12 @@ class LLMConfig(_Strict):
     parallel: ParallelConfig = ParallelConfig()
     server: ServerConfig = ServerConfig()
 
+    @model_validator(mode="after")
+    def _deepspeed_serves_float_weights(self) -> LLMConfig:
+        if self.parallel.backend == "deepspeed" and self.model.quantization != "none":
+            raise ValueError(f"quantization {self.model.quantization!r} runs on the native backend only; the deepspeed backend serves float weights")
+        return self
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> LLMConfig:
         with open(path, encoding="utf-8") as f:

@@ -174,6 +174,8 @@ def test_config_offers_the_formats():
     assert LLMConfig.model_validate({"model": {"quantization": "int4"}}).model.quantization == "int4"
     with pytest.raises(ValueError):
         LLMConfig.model_validate({"model": {"quantization": "int3"}})
+    with pytest.raises(ValueError, match="quantization 'int8' runs on the native backend only"):
+        LLMConfig.model_validate({"model": {"quantization": "int8"}, "parallel": {"backend": "deepspeed"}})
 
 
 def test_a_tied_quantized_embedding_and_lm_head_hold_one_copy(tiny_model):
