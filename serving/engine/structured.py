@@ -123,7 +123,6 @@ class MaskFiller:
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
-        self._executor = llguidance.LLExecutor()
 
     def fill(self, seqs: list[Sequence]) -> StepMasks | None:
         """Masks for the sequences in `seqs` that carry a matcher (None if none does)."""
@@ -131,7 +130,8 @@ class MaskFiller:
         if not constrained:
             return None
         bitmask = llguidance.torch.allocate_token_bitmask(len(constrained), self.vocab_size)
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, [(seq.matcher, i) for i, seq in enumerate(constrained)], bitmask)
+        for i, seq in enumerate(constrained):  # llguidance's thread pool would spin against torch's threads
+            llguidance.torch.fill_next_token_bitmask(seq.matcher, bitmask, i)
         return StepMasks({seq: i for i, seq in enumerate(constrained)}, bitmask)
 
 
