@@ -77,8 +77,8 @@ class ParallelConfig(_Strict):
     )
     cluster_autoscales: bool = Field(
         False,
-        description="The Ray cluster adds nodes on demand (Ray's autoscaler, KubeRay's too): workers the current nodes "
-        "cannot hold wait up to placement_timeout_s for new nodes instead of failing at once.",
+        description="The Ray cluster adds nodes on demand (Ray's autoscaler, KubeRay's too): replicas and workers the "
+        "current nodes cannot hold are not refused before deploying, and workers wait up to placement_timeout_s for new nodes.",
     )
     backend: Literal["native", "deepspeed"] = Field(
         "native",
@@ -159,7 +159,10 @@ class ServerConfig(_Strict):
         1, ge=1, description="Upper bound of LLM replicas; above min_replicas Serve scales on the autoscaling signals."
     )
     replica_cpus: float = Field(
-        0.0, ge=0, description="CPUs each LLM replica reserves in Ray; a replica no node has room for makes Ray's autoscaler add one."
+        0.0,
+        ge=0,
+        description="CPUs each LLM replica reserves in Ray; a replica no node has room for makes Ray's autoscaler add one "
+        "(with parallel.cluster_autoscales; without it, deploying refuses a replica no node can hold).",
     )
     replica_gpus: float | None = Field(
         None,

@@ -25,12 +25,15 @@ from serving.server.deployments import deploy
 from tests.ports import free_port
 
 
+PORT = free_port()  # one for the module: Serve keeps the HTTP port it first started with
+
+
 def _config(model, tp: int = 1, pp: int = 1, worker_cpus: float = 1.0, **server) -> LLMConfig:
     return LLMConfig(
         model=ModelConfig(source=str(model), max_model_len=256),
         engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.01),
         parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, worker_cpus=worker_cpus, placement_timeout_s=20),
-        server=ServerConfig(port=free_port(), **server),
+        server=ServerConfig(port=PORT, **server),
     )
 
 
@@ -90,10 +93,13 @@ def test_what_the_cluster_cannot_hold_is_refused_with_the_numbers(two_cpus, tiny
         check_cluster_resources(_config(tiny_model, tp=4))
     with pytest.raises(InvalidLayoutError, match="2 LLM replica\\(s\\) of 1 worker\\(s\\) each reserve 3 CPU; the whole cluster has 2 CPU"):
         check_cluster_resources(_config(tiny_model, min_replicas=2, max_replicas=2, replica_cpus=1.5))
+    with pytest.raises(InvalidLayoutError, match="no node can hold an LLM replica reserving 3 CPU.*parallel.cluster_autoscales"):
+        check_cluster_resources(_config(tiny_model, replica_cpus=3))
     with pytest.raises(InvalidLayoutError, match="no node of the Ray cluster has a GPU"):
         check_cluster_resources(_config(tiny_model).model_copy(update={"model": ModelConfig(source=str(tiny_model), device="cuda")}))
     check_cluster_resources(_config(tiny_model, tp=4, worker_cpus=0.5))
-    check_cluster_resources(_config(tiny_model, tp=4).model_copy(update={"parallel": ParallelConfig(tensor_parallel=4, cluster_autoscales=True)}))
+    autoscaling = ParallelConfig(tensor_parallel=4, cluster_autoscales=True)  # nodes come on demand: nothing refused
+    check_cluster_resources(_config(tiny_model, replica_cpus=4).model_copy(update={"parallel": autoscaling}))
 
 
 @pytest.mark.slow

@@ -122,7 +122,14 @@ def test_killing_the_llm_replica_fails_its_requests_and_serve_restarts_it(server
 
 def _haproxy_pids() -> list[int]:
     """The HAProxy processes Serve's proxy managers run (Serve's HTTP ingress here, serving/server/serve_env.py)."""
-    return sorted(p.pid for p in psutil.Process().children(recursive=True) if p.name() == "haproxy")
+    pids = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.name() == "haproxy":
+                pids.append(process.pid)
+        except psutil.NoSuchProcess:  # exited between the listing and the question (the killed proxy, say)
+            continue
+    return sorted(pids)
 
 
 def test_killing_the_http_proxy_drops_connections_visibly_and_it_comes_back(server):

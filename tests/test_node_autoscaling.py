@@ -78,6 +78,7 @@ def test_replicas_that_need_a_node_make_the_autoscaler_add_it_and_remove_it_afte
         {
             "model": {"source": str(tiny_model)},
             "engine": {"kv_cache_memory_gb": 0.02, "block_size": 4, "max_num_seqs": 2},
+            "parallel": {"cluster_autoscales": True},  # else a replica no node can hold is refused before deploying
             "server": {
                 "port": port,
                 "min_replicas": 1,

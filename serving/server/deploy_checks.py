@@ -20,6 +20,7 @@ from serving.parallel.ray_executor import worker_resources
 from serving.parallel.tensor import InvalidLayoutError, TensorParallel
 from serving.server.replica_resources import replica_actor_options
 
+_AUTOSCALING_HINT = "; if the cluster adds nodes on demand, set parallel.cluster_autoscales (--cluster-autoscales)"
 _QUALIFIED_EXCEPTION = re.compile(r"^(?:\w+\.)+(?=\w+(?:Error|Exception)\b)")
 
 
@@ -59,7 +60,9 @@ def check_cluster_resources(config: LLMConfig) -> None:
     options = replica_actor_options(config)
     replica = {"CPU": options["num_cpus"], "GPU": options.get("num_gpus", 0.0)}
     if not any(node.fits(replica, 1) for node in nodes):
-        raise InvalidLayoutError(f"no node can hold an LLM replica reserving {_amounts(replica)}; nodes have {_node_list(nodes)}")
+        raise InvalidLayoutError(
+            f"no node can hold an LLM replica reserving {_amounts(replica)}; nodes have {_node_list(nodes)}{_AUTOSCALING_HINT}"
+        )
     parallel = config.parallel
     worker = worker_resources(config, total["GPU"]) if parallel.world_size > 1 else {}
     if worker:
@@ -72,7 +75,7 @@ def check_cluster_resources(config: LLMConfig) -> None:
     if short:
         raise InvalidLayoutError(
             f"{config.server.min_replicas} LLM replica(s) of {parallel.world_size} worker(s) each reserve {_amounts(needed)}; "
-            f"the whole cluster has {_amounts(total)}{_fraction_hint(worker)}"
+            f"the whole cluster has {_amounts(total)}{_fraction_hint(worker)}{_AUTOSCALING_HINT}"
         )
 
 
