@@ -58,7 +58,9 @@ def write_gguf(hf_dir: Path, path: Path, tensor_type: Callable[[str], gguf.GGMLQ
     writer.add_token_merges([" ".join(pair) for pair in tokenizer["model"]["merges"]])
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_pad_token_id(config["pad_token_id"])
     writer.add_add_bos_token(False)
+    writer.add_chat_template(json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"])
     for name, tensor in load_file(hf_dir / "model.safetensors").items():
         array = tensor.numpy()
         heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}.get(name.split(".")[-2])

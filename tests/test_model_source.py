@@ -8,9 +8,9 @@ from pathlib import Path
 
 import gguf
 import huggingface_hub.constants
-import numpy as np
 import pytest
 import torch
+from gguf_files import write_gguf
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,78 +87,10 @@ def test_tiny_tokenizer_roundtrips_and_has_chatml(tmp_path: Path) -> None:
 
 # --- GGUF conversion, on a GGUF written from a tiny model --------------------------------------
 
-_GGUF_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """What llama.cpp's convert_hf_to_gguf.py does to q_proj/k_proj rows."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_name(hf_name: str) -> str:
-    if hf_name in _GGUF_NAMES:
-        return _GGUF_NAMES[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_GGUF_NAMES[module]}.{kind}"
-
-
-def _write_gguf(hf_dir: Path, path: Path) -> None:
-    """Write `hf_dir` as llama.cpp would: float32, permuted q/k, tokenizer in metadata."""
-    config = json.loads((hf_dir / "config.json").read_text())
-    tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(config["rope_theta"])
-    vocab = tokenizer["model"]["vocab"]
-    special = {t["content"] for t in tokenizer["added_tokens"] if t["special"]}
-    tokens = sorted(vocab, key=vocab.get)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
-    writer.add_token_merges([" ".join(pair) for pair in tokenizer["model"]["merges"]])
-    writer.add_bos_token_id(config["bos_token_id"])
-    writer.add_eos_token_id(config["eos_token_id"])
-    writer.add_pad_token_id(config["pad_token_id"])
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"])
-    for name, tensor in load_file(hf_dir / "model.safetensors").items():
-        array = tensor.numpy()
-        if "q_proj" in name:
-            array = _llama_cpp_permute(array, config["num_attention_heads"])
-        elif "k_proj" in name:
-            array = _llama_cpp_permute(array, config["num_key_value_heads"])
-        writer.add_tensor(_gguf_name(name), array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 @pytest.mark.parametrize("tie_word_embeddings", [True, False])
 def test_gguf_conversion_restores_the_hf_model(tmp_path: Path, tie_word_embeddings: bool) -> None:
     original = make_tiny_llama(tmp_path / "tiny", num_kv_heads=1, tie_word_embeddings=tie_word_embeddings)
-    _write_gguf(original, tmp_path / "tiny.gguf")
+    write_gguf(original, tmp_path / "tiny.gguf")
     converted = convert_gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "converted")
 
     expected, actual = load_file(original / "model.safetensors"), load_file(converted / "model.safetensors")
