@@ -23,9 +23,9 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
+from benchmarks.engine_bench import time_engine
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
 
@@ -66,16 +66,6 @@ def make_prompts(tokenizer, count: int) -> list[list[int]]:
     return prompts
 
 
-def time_ours(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
-    """Output tokens per second."""
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
-    return len(prompts) * output_len / elapsed
-
-
 def weight_bytes(llm: LLM) -> int:
     model = llm.engine.runner.model
     tensors = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if not name.startswith("rotary.")}
@@ -90,7 +80,7 @@ def speed(args: argparse.Namespace) -> dict:
     for r in range(args.rounds):
         for batch in args.batch_sizes:
             prompts = make_prompts(tokenizer, batch)
-            figures = {q: time_ours(llm, prompts, args.output_len) for q, llm in ours.items()}
+            figures = {q: len(prompts) * args.output_len / time_engine(llm, prompts, args.output_len) for q, llm in ours.items()}
             rounds[batch].append(figures)
             print(f"round {r + 1} batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), flush=True)
     result = {"memory_bytes": memory, "memory_vs_float32": {q: b / memory["none"] for q, b in memory.items()}, "batches": {}}
