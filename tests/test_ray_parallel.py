@@ -43,17 +43,22 @@ def test_parallel_layouts_match_single_worker(cluster, tiny_model, tp, pp):
     assert max_summary_difference(outputs, reference) < 1e-4
 
 
-@pytest.mark.slow
-def test_quantized_tp2xpp2_matches_single_worker(cluster, tiny_model):
-    """int4 layers with an int8 embedding and LM head, split over stages (the tied head on the last) and ranks."""
-    reference = [output_summary(o) for o in LLM(config=_config(tiny_model, 1, 1, "int4")).generate(PROMPTS, PARAMS, use_tqdm=False)]
-    llm = LLM(config=_config(tiny_model, 2, 2, "int4", max_num_batched_tokens=16))
+def _assert_matches_single_worker(parallel: LLMConfig, single: LLMConfig) -> None:
+    """Greedy tokens identical and logprobs within 1e-4 of the single-worker engine's."""
+    reference = [output_summary(o) for o in LLM(config=single).generate(PROMPTS, PARAMS, use_tqdm=False)]
+    llm = LLM(config=parallel)
     try:
         outputs = [output_summary(o) for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
     finally:
         llm.engine.runner.shutdown()
     assert [o[0] for o in outputs] == [r[0] for r in reference]
     assert max_summary_difference(outputs, reference) < 1e-4
+
+
+@pytest.mark.slow
+def test_quantized_tp2xpp2_matches_single_worker(cluster, tiny_model):
+    """int4 layers with an int8 embedding and LM head, split over stages (the tied head on the last) and ranks."""
+    _assert_matches_single_worker(_config(tiny_model, 2, 2, "int4", max_num_batched_tokens=16), _config(tiny_model, 1, 1, "int4"))
 
 
 @pytest.mark.slow
@@ -64,14 +69,7 @@ def test_default_model_parallel_matches_single_worker(cluster, default_model, tp
         engine=EngineConfig(kv_cache_memory_gb=0.05),
         parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp),
     )
-    reference = [output_summary(o) for o in LLM(config=config.model_copy(update={"parallel": ParallelConfig()})).generate(PROMPTS, PARAMS, use_tqdm=False)]
-    llm = LLM(config=config)
-    try:
-        outputs = [output_summary(o) for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
-    finally:
-        llm.engine.runner.shutdown()
-    assert [o[0] for o in outputs] == [r[0] for r in reference]
-    assert max_summary_difference(outputs, reference) < 1e-4
+    _assert_matches_single_worker(config, config.model_copy(update={"parallel": ParallelConfig()}))
 
 
 @pytest.mark.slow
