@@ -25,21 +25,14 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.engine_bench import time_engine
+from benchmarks import engine_bench
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
 
 FORMATS = ("none", "int8", "int4", "gguf")
 HELD_IN = Path(__file__).resolve().parents[1] / "tests" / "data" / "held_in.txt"
 PROMPTS = [
-    "The history of the Roman Empire began when",
-    "Write a short poem about the ocean at night.",
-    "Explain how a paged KV cache works in simple words.",
-    "List three reasons why the sky appears blue today.",
-    "My favourite recipe for a quick vegetable soup is",
-    "Describe the rules of chess to a curious beginner.",
-    "What are the main differences between cats and dogs?",
-    "Summarise the plot of a detective novel you like.",
+    *engine_bench.PROMPTS,
     "The best way to learn a new language is",
     "In the year 2050, cities will",
     "A good friend is someone who",
@@ -80,7 +73,7 @@ def speed(args: argparse.Namespace) -> dict:
     for r in range(args.rounds):
         for batch in args.batch_sizes:
             prompts = make_prompts(tokenizer, batch)
-            figures = {q: len(prompts) * args.output_len / time_engine(llm, prompts, args.output_len) for q, llm in ours.items()}
+            figures = {q: len(prompts) * args.output_len / engine_bench.time_engine(llm, prompts, args.output_len) for q, llm in ours.items()}
             rounds[batch].append(figures)
             print(f"round {r + 1} batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), flush=True)
     result = {"memory_bytes": memory, "memory_vs_float32": {q: b / memory["none"] for q, b in memory.items()}, "batches": {}}
