@@ -36,6 +36,11 @@ class ModelConfig(_Strict):
     max_model_len: int | None = Field(
         None, gt=0, description="Longest prompt + output in tokens; defaults to the model's context length."
     )
+    tool_parser: Literal["auto", "none", "hermes", "llama3_json", "smollm2"] = Field(
+        "auto",
+        description="How tool calls are read from the model's output: 'hermes' (<tool_call> blocks, Qwen2.5), 'llama3_json' "
+        "(Llama 3.1/3.2), 'smollm2' (Hermes blocks with the chat template this package ships); 'auto' picks from the chat template.",
+    )
 
 
 class EngineConfig(_Strict):
@@ -112,6 +117,12 @@ class LimitsConfig(_Strict):
     max_messages: int = Field(2048, gt=0, description="Most messages in one chat request.")
     max_grammar_bytes: int = Field(
         32768, gt=0, description="Largest output constraint (JSON schema, regex, choices or grammar) in bytes of UTF-8 text."
+    )
+    max_tool_calls: int = Field(
+        4,
+        gt=0,
+        description="Most tool calls in one choice when tool_choice forces calls and parallel_tool_calls allows several "
+        "(a small model given the room repeats its call until max_tokens).",
     )
 
 

@@ -84,13 +84,22 @@ class Tokenizer:
             tokens.append(token)
         return tokens
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render `messages` into a prompt with the model's chat template, as transformers would."""
-        if self.chat_template is None:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+    ) -> str:
+        """Render `messages` into a prompt with the model's chat template (or `chat_template`), as transformers would;
+        `tools` (OpenAI's function definitions) go to the template, which may describe them to the model."""
+        template = chat_template or self.chat_template
+        if template is None:
             raise ChatTemplateError("the model folder has no chat template")
         try:
-            return _compile(self.chat_template).render(
+            return _compile(template).render(
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",

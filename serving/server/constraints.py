@@ -16,9 +16,12 @@ from serving.server.openai_protocol import ChatCompletionRequest, SamplingReques
 _ANY_OBJECT = '{"type":"object"}'
 
 
-def request_constraint(request: SamplingRequest, limits: LimitsConfig) -> tuple[OutputConstraint | None, str | None]:
-    """The request's constraint and the field that carried it (which errors about it name)."""
-    found = _constraints(request)
+def request_constraint(
+    request: SamplingRequest, limits: LimitsConfig, tool_calls: OutputConstraint | None = None
+) -> tuple[OutputConstraint | None, str | None]:
+    """The request's constraint and the field that carried it (which errors about it name); `tool_calls` is the
+    grammar of the calls tool_choice forces, which counts as a constraint the tools field carries."""
+    found = _constraints(request) + ([] if tool_calls is None else [("tools", tool_calls)])
     if len(found) > 1:
         raise bad_request(f"give at most one output constraint, not {' and '.join(field for field, _ in found)}", found[1][0])
     if not found:

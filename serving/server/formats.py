@@ -8,6 +8,7 @@ from typing import Any
 from serving.engine.sequence import PromptLogprob, TokenLogprob
 from serving.server.http_errors import bad_request
 from serving.server.messages import ChoiceDelta, GenerationDelta
+from serving.server.tools.stream import ToolCalling, ToolStream
 from serving.tokenizer import Tokenizer
 
 
@@ -149,6 +150,12 @@ class ChatFormat(ResponseFormat):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
+    def __init__(self, tokenizer: Tokenizer, prompt_logprobs: int | None = None, tools: ToolCalling | None = None) -> None:
+        """`tools`: how tool calls are read from the output, when the request offered tools."""
+        super().__init__(tokenizer, prompt_logprobs)
+        self.tools = tools
+        self.tool_streams: dict[int, ToolStream] = {}  # choice index -> its tool calls so far
+
     def response_fields(self, prompts: list[Prompt], results: list[GenerationDelta]) -> dict[str, Any]:
         """vLLM puts a chat request's prompt logprobs beside its choices: the choices share one prompt."""
         if self.prompt_logprobs is None:
@@ -159,12 +166,16 @@ class ChatFormat(ResponseFormat):
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
     def chunk_choice(self, index: int, delta: ChoiceDelta) -> dict[str, Any]:
-        content = {"content": delta.text} if delta.text else {}
-        return {"index": index, "delta": content, "logprobs": self._logprobs(delta), "finish_reason": delta.finish_reason}
+        content, finish_reason = {"content": delta.text} if delta.text else {}, delta.finish_reason
+        if self.tools is not None:
+            content, finish_reason = self.tool_streams.setdefault(index, self.tools.stream()).feed(delta.text, delta.finish_reason)
+        return {"index": index, "delta": content, "logprobs": self._logprobs(delta), "finish_reason": finish_reason}
 
     def choice(self, index: int, prompt: Prompt, result: GenerationDelta, output: ChoiceDelta) -> dict[str, Any]:
-        message = {"role": "assistant", "content": output.text}
-        return {"index": index, "message": message, "logprobs": self._logprobs(output), "finish_reason": output.finish_reason}
+        message, finish_reason = {"role": "assistant", "content": output.text}, output.finish_reason
+        if self.tools is not None:
+            message, finish_reason = self.tools.message(output.text, output.finish_reason)
+        return {"index": index, "message": message, "logprobs": self._logprobs(output), "finish_reason": finish_reason}
 
     def _logprobs(self, delta: ChoiceDelta) -> dict[str, Any] | None:
         if delta.logprobs is None:

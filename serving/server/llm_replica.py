@@ -22,6 +22,7 @@ from serving.server.messages import (
     ModelInfo,
     engine_deltas,
 )
+from serving.server.tools.parsers import resolve_parser
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=3)
@@ -82,7 +83,8 @@ class LLMDeployment:
 
     async def model_info(self) -> ModelInfo:
         engine = self.engine.engine
-        return ModelInfo(engine.model_name, engine.max_model_len, engine.tokenizer)
+        parser = resolve_parser(self.config.model.tool_parser, engine.tokenizer.chat_template)
+        return ModelInfo(engine.model_name, engine.max_model_len, engine.tokenizer, parser)
 
     async def check_health(self) -> None:
         """Serve calls this periodically and restarts the replica while it raises."""

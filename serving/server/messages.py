@@ -56,6 +56,7 @@ class ModelInfo:
     name: str
     max_model_len: int
     tokenizer: Tokenizer
+    tool_parser: str = "none"  # how tool calls are read from the output (serving/server/tools/parsers.py)
 
 
 async def engine_deltas(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[GenerationDelta]:

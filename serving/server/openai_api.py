@@ -30,7 +30,6 @@ from serving.server.limits import limit_messages, limit_prompt, limit_sampling
 from serving.server.messages import GenerationDelta, ModelInfo
 from serving.server.openai_protocol import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     SamplingRequest,
@@ -38,6 +37,7 @@ from serving.server.openai_protocol import (
     TokenizeCompletionRequest,
 )
 from serving.server.rate_limit import RateLimiter
+from serving.server.tools.request import conversation, plan_tools, tool_template
 from serving.server.streams import close_all, gather_or_cancel, merge
 from serving.tokenizer import Tokenizer
 
@@ -94,6 +94,7 @@ class OpenAIServing:
     async def models(self) -> dict[str, Any]:
         info = await self.backend.model_info()
         card = {"id": info.name, "object": "model", "created": self.created, "owned_by": "llm-cluster", "max_model_len": info.max_model_len}
+        card["tool_parser"] = info.tool_parser
         return {"object": "list", "data": [card]}
 
     async def completions(self, request: CompletionRequest, api_key: str | None = None) -> dict[str, Any] | AsyncIterator[str]:
@@ -126,7 +127,8 @@ class OpenAIServing:
         info = await self._model(request.model)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        constraint, constraint_field = request_constraint(request, self.limits)
+        tools = plan_tools(request, info.tool_parser, self.limits)
+        constraint, constraint_field = request_constraint(request, self.limits, tools.constraint)
         names = {"prompt": "messages", "logprobs": "top_logprobs"} | _max_tokens_name(request) | _constraint_name(constraint_field)
         with _engine_errors(names):
             limit_messages(len(request.messages), self.limits)
@@ -136,10 +138,12 @@ class OpenAIServing:
                 logprobs=(request.top_logprobs or 0) if request.logprobs else None,
                 prompt_logprobs=request.prompt_logprobs,
                 constraint=constraint,
+                **({} if tools.skip_special_tokens is None else {"skip_special_tokens": tools.skip_special_tokens}),
             )
-            prompt = _chat_prompt(request.messages, info.tokenizer)
+            template = tool_template(info.tool_parser)
+            prompt = Prompt(chat_prompt_ids(info.tokenizer, conversation(request.messages), tools=tools.tools, chat_template=template), None)
             limit_prompt(prompt.token_ids, self.limits)
-        fmt = ChatFormat(info.tokenizer, request.prompt_logprobs)
+        fmt = ChatFormat(info.tokenizer, request.prompt_logprobs, tools.calling)
         return await self._run(_Job(info.name, [prompt], params, fmt, request.stream, *_usage_options(request), names, api_key))
 
     async def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> dict[str, Any]:
@@ -150,9 +154,8 @@ class OpenAIServing:
         else:
             with _engine_errors({"prompt": "messages"}):
                 limit_messages(len(request.messages), self.limits)
-                ids = chat_prompt_ids(
-                    info.tokenizer, _conversation(request.messages), request.add_generation_prompt, request.add_special_tokens
-                )
+                turns, template = conversation(request.messages), tool_template(info.tool_parser)
+                ids = chat_prompt_ids(info.tokenizer, turns, request.add_generation_prompt, request.add_special_tokens, chat_template=template)
         strings = info.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
         return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids, "token_strs": strings}
 
@@ -259,27 +262,17 @@ class OpenAIServing:
             self.rate_limiter.record(job.api_key, generated_tokens)
 
 
-def _chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer) -> Prompt:
-    return Prompt(chat_prompt_ids(tokenizer, _conversation(messages)), None)
-
-
-def _conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    conversation = []
-    for m in messages:
-        turn = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        conversation.append(turn | ({"name": m.name} if m.name else {}))
-    return conversation
-
-
 def chat_prompt_ids(
     tokenizer: Tokenizer,
-    conversation: list[dict[str, str]],
+    conversation: list[dict[str, Any]],
     add_generation_prompt: bool = True,
     add_special_tokens: bool | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    chat_template: str | None = None,
 ) -> list[int]:
-    """The conversation rendered with the model's chat template, encoded. With `add_special_tokens` None,
-    as chat completions run it: a template that writes BOS gets no second one."""
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+    """The conversation rendered with the model's chat template (or `chat_template`, with `tools`), encoded. With
+    `add_special_tokens` None, as chat completions run it: a template that writes BOS gets no second one."""
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt, tools=tools, chat_template=chat_template)
     if add_special_tokens is None:
         bos = tokenizer.bos_token
         add_special_tokens = not (bos and text.startswith(bos))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.engine.sampling_params import MAX_LOGPROBS
 
@@ -86,13 +86,60 @@ class TextPart(_Body):
     text: str
 
 
+class ToolCallFunction(_Body):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON object written as text.")
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(None, description="Text; may be null only in an assistant message with tool_calls.")
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="In an assistant message: the calls it made.")
+    tool_call_id: str | None = Field(None, description="In a tool message: the call it answers.")
+    refusal: str | None = Field(None, description="In an assistant message; accepted and not used (the openai client sends it back).")
+
+    @model_validator(mode="after")
+    def _fields_fit_the_role(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content may be null only in an assistant message with tool_calls")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="The function's name: letters, digits, _ and -, at most 64.")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments object; left out: no arguments.")
+    strict: bool | None = Field(None, description="Accepted: when calls are enforced, the schema always is.")
+
+
+class ToolDefinition(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class JsonSchemaFormat(_Body):
@@ -116,7 +163,11 @@ class ChatCompletionRequest(SamplingRequest):
         None, ge=0, le=MAX_LOGPROBS, description="With logprobs, also the most likely alternatives at each position."
     )
     response_format: ResponseFormat | None = None
-    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored: tool calling is not supported yet.")
+    tools: list[ToolDefinition] | None = Field(None, description="Functions the model may call (docs/tool-calling.md).")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="'auto' (the default with tools): the model chooses; 'required' or a named function: calls are enforced."
+    )
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call per choice (default true).")
     metadata: dict[str, str] | None = Field(None, description="Accepted and ignored: nothing is stored.")
     store: bool | None = Field(None, description="Accepted and ignored: nothing is stored.")
     service_tier: str | None = Field(None, description="Accepted and ignored: there is one tier.")
