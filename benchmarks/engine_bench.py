@@ -115,7 +115,7 @@ def prefix_caching(args: argparse.Namespace) -> dict:
     results = {}
     for enabled in (True, False):
         llm = LLM(args.model, enable_prefix_caching=enabled, max_num_seqs=32, max_model_len=args.max_model_len, dtype=args.dtype, device=args.device)
-        vocab = llm.engine.arch.vocab_size
+        vocab = llm.engine.vocab_size
         shared = torch.randint(100, vocab - 100, (512,), generator=torch.Generator().manual_seed(0)).tolist()
         prompts = [shared + llm.tokenizer.encode(f" Question {i}: what comes next?", add_special_tokens=False) for i in range(32)]
         elapsed = time_engine(llm, prompts, args.prefix_output_len)

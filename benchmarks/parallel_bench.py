@@ -21,11 +21,11 @@ from tqdm import tqdm
 from benchmarks.engine_bench import make_prompts
 from serving.config import EngineConfig, LLMConfig, ModelConfig, ParallelConfig
 from serving.engine.llm import LLM
+from serving.engine.make_runner import make_runner
 from serving.engine.sampling_params import SamplingParams
 from serving.models.arch import ModelArch
 from serving.models.source import resolve_model
 from serving.models.tiny import make_tiny_llama
-from serving.parallel.ray_executor import RayExecutor
 
 
 def config(tp: int, pp: int, source: str = "default", kv_cache_gb: float = 0.25) -> LLMConfig:
@@ -37,10 +37,9 @@ def config(tp: int, pp: int, source: str = "default", kv_cache_gb: float = 0.25)
 
 
 def memory(folder: Path) -> dict:
-    arch = ModelArch.from_folder(folder)
     reports = {}
     for tp in tqdm((1, 2), desc="TP memory"):
-        executor = RayExecutor(folder, arch, config(tp, 1, str(folder), kv_cache_gb=0.05), 512)  # mostly the weights
+        executor = make_runner(config(tp, 1, str(folder), kv_cache_gb=0.05), folder, 512)  # mostly the weights
         reports[tp] = executor.memory_reports()
         executor.shutdown()
     added = {tp: max(r["peak_rss"] - r["rss_before_load"] for r in rs) for tp, rs in reports.items()}
@@ -74,7 +73,7 @@ def pipeline(output_len: int, requests: int) -> dict:
 def all_reduce(folder: Path) -> dict:
     """Activations of SmolLM2's width (576) across a TP=3 group."""
     arch = ModelArch.from_folder(folder)
-    executor = RayExecutor(folder, arch, config(3, 1), 512)
+    executor = make_runner(config(3, 1), folder, 512)
     rows = {rows: executor.time_all_reduce(rows) for rows in (1, 32, 512)}
     executor.shutdown()
     per_step = {rows: 2 * arch.num_layers * seconds for rows, seconds in rows.items()}

@@ -4,11 +4,15 @@ Every default lives here and nowhere else.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+# the KV cache budget when engine.kv_cache_memory_gb is unset (serving/engine/runner.py kv_cache_blocks)
+CPU_KV_CACHE_GB = 2.0
+CUDA_KV_CACHE_FRACTION = 0.9  # of the GPU memory free once the weights are loaded ...
+CUDA_RESERVED_GB = 2.0  # ... less this much for activations and CUDA graphs
 
 
 class _Strict(BaseModel):
@@ -48,7 +52,8 @@ class EngineConfig(_Strict):
 
     block_size: int = Field(16, gt=0, description="Tokens per KV cache block, a power of two.")
     kv_cache_memory_gb: float | None = Field(
-        None, gt=0, description="KV cache budget in GiB; default: 2 GiB on CPU, 90% of free memory on CUDA."
+        None, gt=0, description="KV cache budget in GiB; default: 2 GiB on CPU, on CUDA 90% of the memory free after "
+        "loading the weights less 2 GiB for activations and CUDA graphs."
     )
     max_num_seqs: int = Field(64, gt=0, description="Most sequences in the running batch.")
     max_num_batched_tokens: int = Field(2048, gt=0, description="Token budget of one engine step.")
@@ -228,8 +233,3 @@ class LLMConfig(_Strict):
         if self.parallel.backend == "deepspeed" and self.model.quantization != "none":
             raise ValueError(f"quantization {self.model.quantization!r} runs on the native backend only; the deepspeed backend serves float weights")
         return self
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> LLMConfig:
-        with open(path, encoding="utf-8") as f:
-            return cls.model_validate(yaml.safe_load(f) or {})

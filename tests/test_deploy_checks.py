@@ -19,7 +19,7 @@ from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
 from serving.errors import DeploymentError, UnsupportedModelError
 from serving.models.arch import ModelArch
-from serving.parallel.tensor import InvalidLayoutError
+from serving.models.sharding import InvalidLayoutError
 from serving.server.deploy_checks import check_cluster_resources, check_model_layout, replica_error
 from serving.server.deployments import deploy
 from tests.ports import free_port
@@ -69,7 +69,7 @@ def test_the_replicas_own_exception_is_taken_from_serves_message():
         "The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or initial "
         "health check failing. See controller logs for details. Error:\nray::ServeReplica:llm:LLMDeployment() (pid=1)\n"
         "RuntimeError: Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    raise ValueError('a')\n"
-        "serving.parallel.tensor.InvalidLayoutError: tensor parallel size 2 does not divide the model's 9 attention heads\n"
+        "serving.models.sharding.InvalidLayoutError: tensor parallel size 2 does not divide the model's 9 attention heads\n"
     )
     assert replica_error(message) == "InvalidLayoutError: tensor parallel size 2 does not divide the model's 9 attention heads"
     assert replica_error("Failed to update the deployments ['LLMDeployment'].") == "Failed to update the deployments ['LLMDeployment']."

@@ -194,3 +194,11 @@ def test_cli_needs_all_explicit_figures_and_a_readable_kubeconfig_error(tmp_path
     figures = ["--num-params-b", "8", "--num-layers", "32", "--num-kv-heads", "8", "--head-dim", "128", "--max-model-len", "8192"]
     assert main(["preflight", *figures, "--kubeconfig", str(missing)]) == 1
     assert "llmcluster preflight: cannot use the kubeconfig" in capsys.readouterr().err
+
+
+def test_fit_budgets_gpu_memory_as_the_engine_does():
+    """cluster never imports serving, so fit.py repeats the engine's CUDA KV budget rule (serving/config.py)."""
+    from cluster.k8s import fit
+    from serving.config import CUDA_KV_CACHE_FRACTION, CUDA_RESERVED_GB
+
+    assert (fit.USABLE_FRACTION, fit.RESERVED_GIB) == (CUDA_KV_CACHE_FRACTION, CUDA_RESERVED_GB)

@@ -12,7 +12,7 @@ from reference import max_summary_difference, output_summary
 from serving.config import EngineConfig, LLMConfig, ModelConfig, ParallelConfig
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
-from serving.parallel.tensor import InvalidLayoutError
+from serving.models.sharding import InvalidLayoutError
 
 PROMPTS = ["The capital of France is", "1, 2, 3,", "Tokyo 東京 🎌 and", "def f(x):"]
 PARAMS = SamplingParams(max_tokens=8, temperature=0, logprobs=5, prompt_logprobs=3, ignore_eos=True)
@@ -94,7 +94,7 @@ def test_pipeline_keeps_several_steps_in_flight(cluster, tiny_model):
         deepest, finished = 0, {}
         while engine.has_unfinished_requests():
             finished |= {o.request_id: o for o in engine.step() if o.finished}
-            deepest = max(deepest, len(engine.in_flight) + 1)
+            deepest = max(deepest, len(engine.launched_steps) + 1)
         assert deepest == 2 and len(finished) == 8
         reference = LLM(config=_config(tiny_model, 1, 1)).generate([f"request {i}" for i in range(8)], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False)
         assert [finished[str(i)].outputs[0].token_ids for i in range(8)] == [o.outputs[0].token_ids for o in reference]

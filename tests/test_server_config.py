@@ -12,7 +12,9 @@ from ray.serve._private.build_app import build_app as serve_build_app
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.local import serve_ingress_env
+from serving.cli import build_parser
 from serving.config import LLMConfig, ServerConfig
+from serving.config_flags import config_from_args
 from serving.server.autoscaling import LLMAutoscalingPolicy
 from serving.server.deployments import API_HEADROOM_REQUESTS, _llm_options, build_app
 from serving.server.serve_env import SERVE_CONTROLLER_ENV
@@ -38,7 +40,8 @@ def test_invalid_server_settings_are_rejected(server):
 def test_yaml_config_with_a_server_section(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("model:\n  max_model_len: 512\nserver:\n  port: 9001\n  limits:\n    max_body_bytes: 1000\n")
-    config = LLMConfig.from_yaml(path)
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # the CLI's --config, the one reader of YAML configs
+    config = config_from_args(serve.parse_args(["--config", str(path)]), serve)
     assert (config.model.max_model_len, config.server.port, config.server.limits.max_body_bytes) == (512, 9001, 1000)
     assert config.server.limits.max_n == ServerConfig().limits.max_n
 

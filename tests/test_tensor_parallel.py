@@ -1,58 +1,78 @@
-"""Tensor parallelism over gloo: every rank's logprobs and greedy tokens equal the single-worker engine's."""
+"""Tensor parallelism over gloo: each rank's ModelRunner, given the same steps, returns the single
+runner's logits (prompt logits and the logits of greedy decoding)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from ports import free_port
-from reference import max_summary_difference, output_summary
 
 from serving.config import EngineConfig, LLMConfig, ModelConfig
-from serving.engine.llm import LLM
-from serving.engine.llm_engine import LLMEngine
-from serving.engine.sampling_params import SamplingParams
-from serving.parallel.tensor import InvalidLayoutError, TensorParallel
+from serving.engine.model_runner import ModelRunner
+from serving.engine.runner import SeqChunk, StepInput
+from serving.models.sharding import SINGLE, InvalidLayoutError, TensorParallel
+from serving.tokenizer import Tokenizer
 
 PROMPTS = ["The capital of France is", "1, 2, 3,", "Tokyo 東京 🎌 and", "def f(x):"]
-PARAMS = dict(max_tokens=8, temperature=0, logprobs=5, prompt_logprobs=5, ignore_eos=True)
+NEW_TOKENS = 8
+MAX_MODEL_LEN = 64
+
+
+def greedy_logits(config: LLMConfig, tp: TensorParallel) -> list[torch.Tensor]:
+    """Log-probabilities of every step of greedy decoding of PROMPTS, driven by hand: the prompts as one
+    prefill step (all positions' logits), then NEW_TOKENS - 1 decode steps."""
+    folder = Path(config.model.source)
+    runner = ModelRunner(folder, config, MAX_MODEL_LEN, tp)
+    tokenizer = Tokenizer.from_folder(folder)
+    per_seq = MAX_MODEL_LEN // config.engine.block_size
+    seqs = [tokenizer.encode(p) for p in PROMPTS]
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(seqs))]
+    chunks = [SeqChunk(ids, 0, table, sample=True, prompt_logits=True) for ids, table in zip(seqs, tables)]
+    logits = runner.execute(StepInput(chunks, []))
+    steps = [torch.log_softmax(rows, dim=-1) for rows in logits.prompt_logits.values()]
+    for _ in range(NEW_TOKENS - 1):
+        for ids, token in zip(seqs, logits.sample_logits.argmax(dim=-1).tolist()):
+            ids.append(token)
+        chunks = [SeqChunk(ids[-1:], len(ids) - 1, table, sample=True, prompt_logits=False) for ids, table in zip(seqs, tables)]
+        logits = runner.execute(StepInput(chunks, []))
+        steps.append(torch.log_softmax(logits.sample_logits.float(), dim=-1))
+    return steps
 
 
 def _rank(rank: int, size: int, port: int, config: LLMConfig, results) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
-        engine = LLMEngine(config, tp=TensorParallel(size, rank, dist.group.WORLD))
-        for i, prompt in enumerate(PROMPTS):
-            engine.add_request(str(i), prompt, SamplingParams(**PARAMS))
-        outputs = {}
-        while engine.has_unfinished_requests():
-            outputs |= {o.request_id: o for o in engine.step() if o.finished}
-        results.put((rank, [output_summary(o) for _, o in sorted(outputs.items())]))
+        steps = greedy_logits(config, TensorParallel(size, rank, dist.group.WORLD))
+        results.put((rank, [step.numpy() for step in steps]))  # by value: a tensor would be shared memory the rank frees on exit
     finally:
         dist.destroy_process_group()
 
 
-def run_tensor_parallel(config: LLMConfig, size: int) -> dict[int, list]:
+def run_tensor_parallel(config: LLMConfig, size: int) -> dict[int, list[torch.Tensor]]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, size, port, config, results)) for r in range(size)]
     for p in procs:
         p.start()
-    gathered = dict(results.get(timeout=600) for _ in procs)
+    gathered = {rank: [torch.from_numpy(step) for step in steps] for rank, steps in (results.get(timeout=600) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     return gathered
 
 
-
-
 def check_against_single(config: LLMConfig, size: int) -> None:
-    single = LLM(config=config).generate(PROMPTS, SamplingParams(**PARAMS), use_tqdm=False)
-    reference = [output_summary(o) for o in single]
-    for rank, outputs in run_tensor_parallel(config, size).items():
-        assert [o[0] for o in outputs] == [r[0] for r in reference], f"rank {rank}"
-        assert max_summary_difference(outputs, reference) < 1e-4
+    reference = greedy_logits(config, SINGLE)
+    for rank, steps in run_tensor_parallel(config, size).items():
+        assert len(steps) == len(reference)
+        for got, want in zip(steps, reference):
+            assert torch.equal(got.argmax(dim=-1), want.argmax(dim=-1)), f"rank {rank}"
+            top = want.topk(5, dim=-1).indices  # the logprobs an API response would carry
+            assert (got.gather(-1, top) - want.gather(-1, top)).abs().max().item() < 1e-4, f"rank {rank}"
 
 
 @pytest.mark.parametrize("size", [2, 4], ids=["tp2", "tp4-replicated-kv"])
@@ -79,4 +99,4 @@ def test_default_model_tp3_matches_single(default_model):
 
 def test_layout_that_does_not_divide_the_heads_is_refused(default_model):
     with pytest.raises(InvalidLayoutError, match="9 attention heads"):
-        LLMEngine(LLMConfig(model=ModelConfig(source=str(default_model))), tp=TensorParallel(2, 0, None))
+        ModelRunner(Path(default_model), LLMConfig(model=ModelConfig(source=str(default_model))), 256, TensorParallel(2, 0, None))

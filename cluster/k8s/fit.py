@@ -3,7 +3,8 @@
 A replica is `pipeline_parallel` stages of `tensor_parallel` GPUs; each stage must sit on one node
 (its GPUs talk over NVLink/PCIe), stages may sit on different nodes. Every GPU holds 1/(TP*PP) of the
 weights and of the KV cache; the engine gives weights and KV cache `USABLE_FRACTION` of a GPU's memory
-less `RESERVED_GIB` for activations and CUDA graphs (the rule in serving/engine/model_runner.py).
+less `RESERVED_GIB` for activations and CUDA graphs (the rule of serving/engine/runner.py kv_cache_blocks, whose
+figures are in serving/config.py; cluster never imports serving, so they are repeated here).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from llguidance import LLMatcher
 from serving.config import LLMConfig
 from serving.engine.block_manager import BlockManager
 from serving.engine.detokenizer import IncrementalDetokenizer
-from serving.engine.model_runner import ModelRunner, SeqChunk, StepInput
+from serving.engine.make_runner import make_runner
+from serving.engine.runner import SeqChunk, StepInput
 from serving.engine.sampler import sample, top_logprobs
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -22,49 +23,35 @@ from serving.engine.structured import GrammarCompiler, MaskFiller, StepMasks, ap
 from serving.errors import ContextLengthError, InvalidRequestError
 from serving.models.arch import ModelArch, model_limits
 from serving.models.source import resolve_model
-from serving.parallel.tensor import SINGLE, TensorParallel
 from serving.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    """Scheduler, KV block bookkeeping and sampling around a model runner.
+    """Scheduler, KV block bookkeeping and sampling around a model runner (serving/engine/runner.py)."""
 
-    With `tp` set, this process is one rank of a tensor-parallel group in which every rank runs
-    the same engine in lockstep: the logits are gathered on all ranks, so all make the same choices.
-    """
-
-    def __init__(self, config: LLMConfig, tp: TensorParallel = SINGLE, collect_stats: bool = False) -> None:
+    def __init__(self, config: LLMConfig, collect_stats: bool = False) -> None:
         """`collect_stats`: keep measurements for `take_stats` (only for an owner that takes them regularly)."""
         self.config = config
         self.model_dir: Path = resolve_model(config.model.source)
-        if config.parallel.backend == "deepspeed":  # any Hugging Face causal LM, run by transformers + DeepSpeed
-            self.arch = None
+        if config.parallel.backend == "native":  # refuses an architecture the native model does not implement
+            arch = ModelArch.from_folder(self.model_dir)
+            self.vocab_size, context_limit = arch.vocab_size, arch.max_position_embeddings
+        else:  # any Hugging Face causal LM
             self.vocab_size, context_limit = model_limits(self.model_dir)
-        else:
-            self.arch = ModelArch.from_folder(self.model_dir)
-            self.vocab_size, context_limit = self.arch.vocab_size, self.arch.max_position_embeddings
         self.max_model_len = self._max_model_len(context_limit)
         self.model_name = config.model.served_name or self.model_dir.name
         self.tokenizer = Tokenizer.from_folder(self.model_dir)
         load_started = time.monotonic()
-        if config.parallel.world_size > 1:  # the model lives in Ray worker actors
-            from serving.parallel.ray_executor import RayExecutor
-
-            self.runner = RayExecutor(self.model_dir, self.arch, config, self.max_model_len)
-        elif self.arch is None:
-            from serving.parallel.deepspeed_runner import DeepSpeedRunner
-
-            self.runner = DeepSpeedRunner(self.model_dir, config, self.max_model_len, tp_size=1)
-        else:
-            self.runner = ModelRunner(self.model_dir, self.arch, config.model, config.engine, self.max_model_len, tp)
+        self.runner = make_runner(config, self.model_dir, self.max_model_len)
         self.model_load_s = time.monotonic() - load_started
         self.blocks = BlockManager(self.runner.num_blocks, config.engine.block_size, config.engine.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.engine, config.parallel.pipeline_parallel)
         self.requests: dict[str, Request] = {}
         self.pipeline_depth = config.parallel.pipeline_parallel
-        self.in_flight: deque[tuple[SchedulerOutput, list[SeqChunk], object, StepMasks | None]] = deque()
+        # steps submitted to the runner and not yet collected, oldest first
+        self.launched_steps: deque[tuple[SchedulerOutput, list[SeqChunk], object, StepMasks | None]] = deque()
         self.grammars = GrammarCompiler(self.model_dir / "tokenizer.json", self.vocab_size, self.tokenizer.eos_token_ids)
         self.masks = MaskFiller(self.vocab_size)
         self.constrained: set[Sequence] = set()  # unfinished sequences with an output constraint
@@ -163,9 +150,9 @@ class LLMEngine:
         """Launch steps until the pipeline is full, then land the oldest; returns its outputs.
 
         A single worker (or tensor parallelism alone) has a pipeline one step deep. With P
-        pipeline stages up to P steps are in flight, over disjoint sets of sequences.
+        pipeline stages up to P steps are launched and not yet collected, over disjoint sets of sequences.
         """
-        while len(self.in_flight) < self.pipeline_depth:
+        while len(self.launched_steps) < self.pipeline_depth:
             scheduled = self.scheduler.schedule()
             if not scheduled.scheduled:
                 break
@@ -175,16 +162,16 @@ class LLMEngine:
             masks = self._fill_masks(scheduled, chunks) if self.constrained else None
             self.scheduler.launched(scheduled)
             mark_scheduled(scheduled.scheduled)
-            self.in_flight.append((scheduled, chunks, handle, masks))
-        if not self.in_flight:
+            self.launched_steps.append((scheduled, chunks, handle, masks))
+        if not self.launched_steps:
             return []
-        scheduled, chunks, handle, masks = self.in_flight.popleft()
+        scheduled, chunks, handle, masks = self.launched_steps.popleft()
         logits = self.runner.collect(handle)
         self.scheduler.landed(scheduled)
         for i, rows in logits.prompt_logits.items():
             self._record_prompt_logprobs(scheduled.scheduled[i].seq, chunks[i].start, rows)
         sampled = [item.seq for item, chunk in zip(scheduled.scheduled, chunks) if chunk.sample]
-        keep = [k for k, seq in enumerate(sampled) if not seq.is_finished]  # not aborted while in flight
+        keep = [k for k, seq in enumerate(sampled) if not seq.is_finished]  # not aborted while its step ran
         sampling, sample_logits = [sampled[k] for k in keep], take_rows(logits.sample_logits, keep)
         touched: dict[str, Request] = {}
         for seq, token, logprob in self._sample(sampling, sample_logits, masks):

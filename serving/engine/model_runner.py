@@ -5,77 +5,31 @@ padded up to the next captured size, padding tokens write to a scratch block).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from serving.config import EngineConfig, ModelConfig
+from serving.config import LLMConfig
+from serving.engine.runner import SeqChunk, StepInput, StepLogits, kv_cache_blocks, resolve_device, resolve_dtype
 from serving.models.arch import ModelArch
 from serving.models.attention import AttentionMetadata, PrefillChunk
 from serving.models.cpu_kernels import load_cpu_kernels
-from serving.models.cpu_layers import tied_lm_head, use_cpu_kernels
+from serving.models.cpu_layers import use_cpu_kernels
 from serving.models.loader import load_model
 from serving.models.quant import require_cpu_kernels
-from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
-from serving.parallel.tensor import SINGLE, TensorParallel
+from serving.models.sharding import SINGLE, SINGLE_STAGE, PipelineStage, TensorParallel
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-CPU_DEFAULT_KV_GB = 2.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
-
-@dataclass
-class SeqChunk:
-    """One sequence's share of a step, in plain data (it travels to remote workers as is)."""
-
-    token_ids: list[int]  # the tokens to compute this step
-    start: int  # position of the first of them (= tokens already in the KV cache)
-    block_table: list[int]
-    sample: bool  # the chunk ends the sequence: its last position's logits are sampled
-    prompt_logits: bool  # also return the logits of every position (prompt logprobs)
-
-
-@dataclass
-class StepInput:
-    chunks: list[SeqChunk]
-    block_copies: list[tuple[int, int]]  # (src, dst) KV block copies to make before the step
-
-
-@dataclass
-class StepLogits:
-    sample_logits: torch.Tensor  # [S, V]: one row per chunk with sample=True, in chunk order
-    prompt_logits: dict[int, torch.Tensor]  # chunk index -> [n, V] logits of all its positions
 
 
 class ModelRunner:
     def __init__(
-        self,
-        folder: Path,
-        arch: ModelArch,
-        model_config: ModelConfig,
-        engine_config: EngineConfig,
-        max_model_len: int,
-        tp: TensorParallel = SINGLE,
-        stage: PipelineStage = SINGLE_STAGE,
+        self, folder: Path, config: LLMConfig, max_model_len: int, tp: TensorParallel = SINGLE, stage: PipelineStage = SINGLE_STAGE
     ) -> None:
+        model_config, engine_config = config.model, config.engine
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
-        self.arch = arch
+        self.arch = arch = ModelArch.from_folder(folder)
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.block_size = engine_config.block_size
@@ -87,10 +41,9 @@ class ModelRunner:
         if kernels is None and self.device.type == "cpu" and self.dtype == torch.float32:
             kernels = load_cpu_kernels()
         if kernels is not None:
-            if stage.is_last and self.model.lm_head is None:
-                self.model.lm_head = tied_lm_head(self.model.embed_tokens)
             use_cpu_kernels(self.model, kernels)
-        self.num_blocks = self._num_blocks(engine_config.kv_cache_memory_gb)
+        bytes_per_block = 2 * len(self.model.layers) * self.num_kv_heads * arch.head_dim * self.dtype.itemsize * self.block_size
+        self.num_blocks = kv_cache_blocks(engine_config.kv_cache_memory_gb, self.device, bytes_per_block, self.block_size, max_model_len)
         shape = (self.num_blocks + 1, self.block_size, self.num_kv_heads, arch.head_dim)  # +1: scratch block
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -100,28 +53,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not engine_config.enforce_eager and stage.size == 1:
             self._capture_graphs(engine_config.max_num_seqs)
 
-    def _bytes_per_block(self) -> int:
-        per_token = 2 * len(self.model.layers) * self.num_kv_heads * self.arch.head_dim * self.dtype.itemsize
-        return per_token * self.block_size
-
-    def _num_blocks(self, budget_gb: float | None) -> int:
-        if budget_gb is not None:
-            budget = budget_gb * 2**30
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = 0.9 * free - 2 * 2**30  # leave room for activations and CUDA graphs
-        else:
-            budget = CPU_DEFAULT_KV_GB * 2**30
-        num_blocks = int(budget // self._bytes_per_block())
-        if num_blocks < self.max_blocks_per_seq:
-            raise ValueError(
-                f"KV cache budget holds {num_blocks * self.block_size} tokens, fewer than one sequence of "
-                f"max_model_len {self.max_blocks_per_seq * self.block_size}; raise kv_cache_memory_gb or lower max_model_len"
-            )
-        return num_blocks
-
     def submit(self, step: StepInput) -> StepLogits | None:
-        """Executors launch a step and collect it later; a local runner just runs it now."""
+        """A runner in this process computes the step at once; `collect` hands its logits back."""
         return self.execute(step)
 
     def collect(self, handle: StepLogits | None) -> StepLogits | None:

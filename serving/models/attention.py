@@ -3,19 +3,15 @@
 The flattened batch puts the decode tokens (one per sequence) first, then each prefill chunk.
 Decodes run as one batched SDPA call over keys gathered through their block tables, with a
 static shape (so the call can be captured in a CUDA graph); each prefill chunk runs its own
-causal SDPA call. On float32 CPU the decodes run on `cpu_kernels.c` instead, which reads the
-blocks in place.
+causal SDPA call. (On float32 CPU, cpu_layers.KernelAttention runs the decodes on our kernels and
+the prefill chunks here.)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from serving.models.cpu_kernels import CpuKernels
 
 
 @dataclass
@@ -62,18 +58,30 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    kernels: CpuKernels | None = None,
 ) -> torch.Tensor:
-    """Attention output [T, H, D], the new k/v already in the cache (`store_kv`); `kernels` (float32
-    CPU) run the decodes on the cache in place."""
+    """Attention output [T, H, D], the new k/v already in the cache (`store_kv`)."""
     if not meta.prefills:
-        return _decode_attention(q, k_cache, v_cache, meta, scale, kernels)
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decodes:
-        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale, kernels)
+        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+    prefill_attention(q, k, v, k_cache, v_cache, meta, scale, out)
+    return out
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Write each prefill chunk's attention output into its rows of `out`."""
     for chunk in meta.prefills:
         out[chunk.start : chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, chunk, scale)
-    return out
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -94,10 +102,7 @@ def _decode_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    kernels: CpuKernels | None,
 ) -> torch.Tensor:
-    if kernels is not None:
-        return kernels.decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
     keys = _gather(k_cache, meta.decode_block_tables)
     values = _gather(v_cache, meta.decode_block_tables)
     # the query heads sharing a KV head become that head's queries: no KV repeat, one kernel call

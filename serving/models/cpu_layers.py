@@ -1,19 +1,19 @@
-"""The model's layers on our own float32 CPU kernels (serving/models/cpu_kernels.c).
+"""The model's layers on our own float32 CPU kernels (serving/models/cpu_kernels.c), swapped in after
+the reference model is built and loaded.
 
-torch's CPU linear (MKL) and oneDNN with prepacked weights are both slow on the skinny matrices
-of decoding: on this project's AVX2 machine our panel-packed kernels ran the model's projections
-1.5-2.3x faster than prepacked oneDNN at 1-8 rows and 1.2-1.4x at 32 (`python -m
-benchmarks.cpu_kernels_bench`). The bias, the residual add after o_proj/down_proj and the SiLU
-gate product are fused into the same call. RMSNorm and the decode attention (reading the paged
-cache in place instead of gathering it) run on the kernels too: each was several torch ops.
+Linears run on weights packed into 16-column panels, with the bias, the residual add after
+o_proj/down_proj and the SiLU gate product fused into the same call; RMSNorm runs as one call;
+attention applies rotary and writes the cache in one call and runs its decodes on the paged cache in
+place. Why our kernels and not torch's, with measurements: benchmarks/README.md, "Engine on CPU".
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from serving.models.attention import AttentionMetadata, prefill_attention
 from serving.models.cpu_kernels import CpuKernels, to_gate_up_panels, to_panels
-from serving.models.llama import Attention, GateUpProjection, RMSNorm
+from serving.models.llama import Attention, GateUpProjection, LlamaForCausalLM, RMSNorm, row_parallel
 from serving.models.quant import QuantEmbedding, QuantLinear
 
 
@@ -63,7 +63,44 @@ class KernelRMSNorm(nn.Module):
         return self.kernels.rms_norm(rows, self.weight, self.eps).view(x.shape)
 
 
-def tied_lm_head(embedding: nn.Module) -> nn.Module:
+class KernelAttention(nn.Module):
+    """llama.Attention with rotary and the cache write in one kernel call (q/k/v left as views of the
+    projection) and the decodes read from the paged cache in place; prefill chunks run as in attention.py."""
+
+    def __init__(self, attention: Attention, kernels: CpuKernels) -> None:
+        super().__init__()
+        self.kernels = kernels
+        self.tp = attention.tp
+        self.num_heads, self.num_kv_heads, self.head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+        self.q_size, self.kv_size, self.scale = attention.q_size, attention.kv_size, attention.scale
+        self.qkv_proj = attention.qkv_proj
+        self.o_proj = attention.o_proj
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        residual: torch.Tensor,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        self.kernels.rope_store(qkv, self.num_heads, self.num_kv_heads, *rope, meta.slot_mapping, *kv_cache)
+        q, k, v = (part.view(t, -1, self.head_dim) for part in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        decodes = q[: meta.num_decodes]
+        if meta.num_decodes:
+            decodes = self.kernels.decode_attention(decodes, *kv_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale)
+        if meta.prefills:
+            out = torch.empty_like(q)
+            out[: meta.num_decodes] = decodes
+            prefill_attention(q, k, v, *kv_cache, meta, self.scale, out)
+        else:
+            out = decodes
+        return row_parallel(self.o_proj, out.reshape(t, self.q_size), residual, self.tp)
+
+
+def _tied_lm_head(embedding: nn.Module) -> nn.Module:
     """An LM head over the input embedding's rows, to be packed into panels: a second copy of float
     rows, the same copy of quantized ones."""
     if isinstance(embedding, QuantEmbedding):
@@ -73,14 +110,17 @@ def tied_lm_head(embedding: nn.Module) -> nn.Module:
     return head
 
 
-def use_cpu_kernels(model: nn.Module, kernels: CpuKernels) -> None:
+def use_cpu_kernels(model: LlamaForCausalLM, kernels: CpuKernels) -> None:
     """Run a float32 CPU model on the kernels, in place: every nn.Linear becomes its panel version
     (GateUpProjection a PanelGateUp, any other a PanelLinear), every quantized linear is packed into
-    its panels, every RMSNorm a KernelRMSNorm, and attention decodes read the cache in place.
+    its panels, every RMSNorm a KernelRMSNorm, every Attention a KernelAttention. A last stage with
+    tied embeddings gets an LM head of its own first, so that the logits run on panels too.
 
     Only names are collected up front, so each original weight is freed as soon as it is packed
     and peak memory grows by one layer, not by the whole model.
     """
+    if model.stage.is_last and model.lm_head is None:
+        model.lm_head = _tied_lm_head(model.embed_tokens)
     names = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, RMSNorm))]
     for name in names:
         parent_name, _, attr = name.rpartition(".")
@@ -94,8 +134,8 @@ def use_cpu_kernels(model: nn.Module, kernels: CpuKernels) -> None:
             replacement = PanelLinear(layer.weight, layer.bias, kernels)
         setattr(parent, attr, replacement)
         del layer
+    for layer in model.layers:
+        layer.self_attn = KernelAttention(layer.self_attn, kernels)
     for module in model.modules():
-        if isinstance(module, Attention):
-            module.cpu_kernels = kernels
-        elif isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear):
             module.pack(kernels)

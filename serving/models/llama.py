@@ -6,7 +6,7 @@ fused into one matrix each (the loader concatenates the checkpoint's separate we
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +14,25 @@ from torch import nn
 
 from serving.models.arch import ModelArch
 from serving.models.attention import AttentionMetadata, paged_attention, store_kv
-from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
-from serving.parallel.tensor import SINGLE, TensorParallel
+from serving.models.sharding import SINGLE, SINGLE_STAGE, PipelineStage, TensorParallel
 
-if TYPE_CHECKING:
-    from serving.models.cpu_kernels import CpuKernels
+
+Slice = tuple[int, int, int]  # (dim, start, length) of a checkpoint tensor
+
+
+@dataclass(frozen=True)
+class WeightSlices:
+    """Which part of its checkpoint tensors a layer of this rank holds, one entry per tensor fused into
+    the layer (q, k, v; gate, up; or just the one): the rows it fills in the layer's weight (offset,
+    count), and the slice of the checkpoint tensor they come from (None: all of it). A slice along
+    dim 1 (a row-parallel layer's inputs) leaves the 1-D bias whole."""
+
+    rows: tuple[tuple[int, int], ...] | None  # None: the one tensor fills the whole weight
+    source: tuple[Slice | None, ...]
+
+
+def _split(tp: TensorParallel, dim: int, start: int, length: int) -> Slice | None:
+    return None if tp.size == 1 else (dim, start, length)
 
 
 class RMSNorm(nn.Module):
@@ -109,7 +123,10 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
         self.o_proj = ResidualLinear(self.q_size, arch.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
-        self.cpu_kernels: CpuKernels | None = None  # set by cpu_layers.use_cpu_kernels
+        q, kv, first_kv = self.q_size, self.kv_size, tp.first_kv_head(arch) * self.head_dim  # by head
+        kv_slice = _split(tp, 0, first_kv, kv)
+        self.qkv_proj.weight_slices = WeightSlices(((0, q), (q, kv), (q + kv, kv)), (_split(tp, 0, tp.rank * q, q), kv_slice, kv_slice))
+        self.o_proj.weight_slices = WeightSlices(None, (_split(tp, 1, tp.rank * q, q),))
 
     def forward(
         self,
@@ -121,17 +138,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`residual` plus the attention output of the normalised hidden states `x`."""
         t = x.shape[0]
-        qkv = self.qkv_proj(x)
-        if self.cpu_kernels is not None:  # rotary and the cache write in one call, q/k/v left as views
-            self.cpu_kernels.rope_store(qkv, self.num_heads, self.num_kv_heads, *rope, meta.slot_mapping, *kv_cache)
-            q, k, v = (part.view(t, -1, self.head_dim) for part in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
-        else:
-            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-            qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # q and k at once
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            v = v.view(t, self.num_kv_heads, self.head_dim)
-            store_kv(k, v, kv_cache, meta.slot_mapping)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.cpu_kernels)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # q and k at once
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return row_parallel(self.o_proj, out.reshape(t, self.q_size), residual, self.tp)
 
 
@@ -142,6 +154,9 @@ class MLP(nn.Module):
         width = arch.intermediate_size // tp.size
         self.gate_up_proj = GateUpProjection(arch.hidden_size, 2 * width, bias=False)
         self.down_proj = ResidualLinear(width, arch.hidden_size, bias=False)
+        part = _split(tp, 0, tp.rank * width, width)
+        self.gate_up_proj.weight_slices = WeightSlices(((0, width), (width, width)), (part, part))
+        self.down_proj.weight_slices = WeightSlices(None, (_split(tp, 1, tp.rank * width, width),))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """`residual` plus the MLP output of the normalised hidden states `x`."""
@@ -181,6 +196,10 @@ class LlamaForCausalLM(nn.Module):
         has_own_head = stage.is_last and not arch.tie_word_embeddings
         self.lm_head = nn.Linear(arch.hidden_size, local_vocab, bias=False) if has_own_head else None
         self.rotary = RotaryEmbedding(arch, max_positions)
+        vocab_rows = WeightSlices(None, (_split(tp, 0, self.vocab_start, local_vocab),))
+        for layer in (self.embed_tokens, self.lm_head):
+            if layer is not None:
+                layer.weight_slices = vocab_rows
 
     def forward(
         self,

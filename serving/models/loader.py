@@ -1,7 +1,9 @@
 """Build the model on the meta device and fill it straight from the safetensors (or GGUF) files.
 
 Each tensor is read from disk directly into its (slice of a) parameter: no full-model copy,
-no mapped file pages, so peak memory stays close to the model size. With a quantization the
+no mapped file pages, so peak memory stays close to the model size. Which slice a tensor-parallel
+rank reads is each layer's own declaration (llama.WeightSlices); the loader only maps checkpoint
+names to parameters. With a quantization the
 linear layers and the embedding are quantized tensor by tensor as they are read (int8/int4), or
 taken as they are from the GGUF file (gguf), see serving/models/quant.py.
 """
@@ -17,7 +19,7 @@ from tqdm import tqdm
 
 from serving.errors import ModelSourceError
 from serving.models.arch import ModelArch
-from serving.models.llama import GateUpProjection, LlamaForCausalLM, RotaryEmbedding
+from serving.models.llama import GateUpProjection, LlamaForCausalLM, RotaryEmbedding, Slice, WeightSlices
 from serving.models.quant import (
     EMBEDDING_KIND,
     GROUP,
@@ -30,9 +32,8 @@ from serving.models.quant import (
     quantize,
 )
 from serving.models.safetensors_reader import SafetensorsFile
+from serving.models.sharding import SINGLE, SINGLE_STAGE, PipelineStage, TensorParallel
 from serving.models.source import gguf_file
-from serving.parallel.pipeline import SINGLE_STAGE, PipelineStage
-from serving.parallel.tensor import SINGLE, TensorParallel
 
 _FUSED = {  # checkpoint projection -> (fused parameter, index of its slice)
     "q_proj": ("qkv_proj", 0),
@@ -83,7 +84,7 @@ def load_model(
         for reader in readers:
             with reader.open() as f:
                 for ckpt_name in reader.keys():
-                    slot = _copy_tensor(model, params, quantized, arch, tp, ckpt_name, reader, f)
+                    slot = _copy_tensor(model, params, quantized, arch, ckpt_name, reader, f)
                     if slot is not None:
                         loaded.add(slot)
                         bar.update(1)
@@ -135,6 +136,7 @@ def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) 
                 replacement = QuantLinear(kind, rows, cols, group, bias=layer.bias is not None, gated=gated)
         except QuantizationError as error:
             raise QuantizationError(f"quantization {quantization!r} cannot hold {name}: {error}") from None
+        replacement.weight_slices = layer.weight_slices
         setattr(parent, attr, replacement)
         quantized[name] = replacement
     return quantized
@@ -161,9 +163,9 @@ def _slot_key(param_name: str, shard: int | None) -> str:
     return param_name if shard is None else f"{param_name}#{shard}"
 
 
-def _target(model: LlamaForCausalLM, ckpt_name: str) -> tuple[str, int | None, str, str] | None:
-    """(parameter name, fused shard, projection, name without "model.") a checkpoint tensor fills on
-    this rank, or None when it is not this rank's (another stage's, or a tied head's copy)."""
+def _target(model: LlamaForCausalLM, ckpt_name: str) -> tuple[str, int | None] | None:
+    """(parameter name, index among the tensors fused into it) a checkpoint tensor fills on this rank,
+    or None when it is not this rank's (another stage's, or a tied head's copy)."""
     if _IGNORED.search(ckpt_name):
         return None
     name = ckpt_name.removeprefix("model.")
@@ -177,31 +179,40 @@ def _target(model: LlamaForCausalLM, ckpt_name: str) -> tuple[str, int | None, s
         parts[1] = str(local)
     elif (parts[0] == "embed_tokens" and model.embed_tokens is None) or (parts[0] == "norm" and model.norm is None):
         return None
-    projection = parts[-2] if len(parts) >= 2 else ""
     shard = None
-    if projection in _FUSED:
-        parts[-2], shard = _FUSED[projection]
-    return ".".join(parts), shard, projection, name
+    if len(parts) >= 2 and parts[-2] in _FUSED:
+        parts[-2], shard = _FUSED[parts[-2]]
+    return ".".join(parts), shard
+
+
+def _slices(model: LlamaForCausalLM, param_name: str, shard: int | None, ndim: int) -> tuple[tuple[int, int] | None, Slice | None]:
+    """(rows in the parameter, slice of the checkpoint tensor) for this rank, as the layer declares them
+    (llama.WeightSlices); layers that declare none, such as the norms, take every tensor whole."""
+    slices: WeightSlices | None = getattr(model.get_submodule(param_name.rpartition(".")[0]), "weight_slices", None)
+    if slices is None:
+        return None, None
+    rows = None if shard is None else slices.rows[shard]
+    source = slices.source[shard or 0]
+    return rows, source if source is None or source[0] < ndim else None
 
 
 def _copy_tensor(
-    model: LlamaForCausalLM, params: dict, quantized: dict[str, QuantizedWeight], arch: ModelArch, tp: TensorParallel,
-    ckpt_name: str, reader, f,
+    model: LlamaForCausalLM, params: dict, quantized: dict[str, QuantizedWeight], arch: ModelArch, ckpt_name: str, reader, f
 ) -> str | None:
     """Copy this rank's slice of one checkpoint tensor into its (slice of a) parameter; returns the slot it filled."""
     target = _target(model, ckpt_name)
     if target is None:
         return None
-    param_name, shard, projection, name = target
+    param_name, shard = target
+    rows, source = _slices(model, param_name, shard, len(reader.shape(ckpt_name)))
     layer = quantized.get(param_name.removesuffix(".weight")) if param_name.endswith(".weight") else None
     if layer is not None:
-        _copy_quantized(layer, arch, tp, target, ckpt_name, reader, f)
+        _copy_quantized(layer, rows, source, ckpt_name, reader, f)
         return _slot_key(param_name, shard)
     param = params.get(param_name)
     if param is None:
         raise ModelSourceError(f"checkpoint tensor {ckpt_name!r} has no place in {arch.architecture}")
-    target = param.data if shard is None else param.data.narrow(0, *_fused_rows(arch, tp, param_name, shard))
-    source = _source_slice(arch, tp, name, projection)
+    target = param.data if rows is None else param.data.narrow(0, *rows)
     expected = list(reader.shape(ckpt_name))
     if source is not None:
         expected[source[0]] = source[2]
@@ -211,13 +222,11 @@ def _copy_tensor(
     return _slot_key(param_name, shard)
 
 
-def _copy_quantized(layer: QuantizedWeight, arch: ModelArch, tp: TensorParallel, target: tuple, ckpt_name: str, reader, f) -> None:
+def _copy_quantized(layer: QuantizedWeight, rows: tuple[int, int] | None, source: Slice | None, ckpt_name: str, reader, f) -> None:
     """Fill this rank's rows of a quantized layer from one checkpoint tensor: quantized as read from
     float weights (whole rows first, then cut, so that input slices keep their row's scale), or as
     stored when the file holds it quantized."""
-    param_name, shard, projection, name = target
-    start, count = (0, layer.rows) if shard is None else _fused_rows(arch, tp, param_name, shard)
-    source = _source_slice(arch, tp, name, projection)
+    start, count = (0, layer.rows) if rows is None else rows
     shape = reader.shape(ckpt_name)
     expected = list(shape)
     if source is not None:
@@ -228,49 +237,14 @@ def _copy_quantized(layer: QuantizedWeight, arch: ModelArch, tp: TensorParallel,
     if native is not None:
         if native != layer.kind:
             raise QuantizationError(f"{ckpt_name} is stored as {native} and cannot be served as {layer.kind}")
-        rows: QuantRows = reader.quantized(ckpt_name, f)
+        part: QuantRows = reader.quantized(ckpt_name, f)
         if source is not None:
-            rows = rows.narrow(*source)
+            part = part.narrow(*source)
     else:
         row_slice = source if source is not None and source[0] == 0 else None
         weights = torch.empty(count if row_slice else shape[0], shape[1])
         reader.read_into(ckpt_name, weights, f, row_slice)
-        rows = quantize(weights, layer.kind)
+        part = quantize(weights, layer.kind)
         if source is not None and source[0] == 1:
-            rows = rows.narrow(*source)
-    layer.load_rows(start, rows)
-
-
-def _fused_rows(arch: ModelArch, tp: TensorParallel, param_name: str, shard: int) -> tuple[int, int]:
-    """(row offset, row count) of one projection inside this rank's fused parameter."""
-    if "qkv_proj" in param_name:
-        q, kv = tp.local_heads(arch) * arch.head_dim, tp.local_kv_heads(arch) * arch.head_dim
-        return [(0, q), (q, kv), (q + kv, kv)][shard]
-    size = arch.intermediate_size // tp.size
-    return (shard * size, size)
-
-
-def _source_slice(arch: ModelArch, tp: TensorParallel, name: str, projection: str) -> tuple[int, int, int] | None:
-    """(dim, start, length) of this rank's part of a checkpoint tensor, or None for all of it."""
-    if tp.size == 1:
-        return None
-    d, r = arch.head_dim, tp.rank
-    if projection == "q_proj":
-        heads = tp.local_heads(arch)
-        return (0, r * heads * d, heads * d)
-    if projection in ("k_proj", "v_proj"):
-        heads = tp.local_kv_heads(arch)
-        return (0, tp.first_kv_head(arch) * d, heads * d)
-    if projection in ("gate_proj", "up_proj"):
-        size = arch.intermediate_size // tp.size
-        return (0, r * size, size)
-    if projection == "o_proj" and name.endswith("weight"):
-        heads = tp.local_heads(arch)
-        return (1, r * heads * d, heads * d)
-    if projection == "down_proj":
-        size = arch.intermediate_size // tp.size
-        return (1, r * size, size)
-    if name in ("embed_tokens.weight", "lm_head.weight"):
-        start, end = tp.vocab_range(arch)
-        return (0, start, end - start)
-    return None  # norms: every rank holds all of them
+            part = part.narrow(*source)
+    layer.load_rows(start, part)

@@ -17,18 +17,27 @@ from pathlib import Path
 import torch
 
 from serving.config import LLMConfig
-from serving.engine.model_runner import CPU_DEFAULT_KV_GB, SeqChunk, StepInput, StepLogits, resolve_device, resolve_dtype
+from serving.engine.runner import SeqChunk, StepInput, StepLogits, kv_cache_blocks, resolve_device, resolve_dtype
+from serving.models.sharding import SINGLE, SINGLE_STAGE, PipelineStage, TensorParallel
 
 # DeepSpeed's shared-memory CPU all-reduce kernel crashes (SIGSEGV) on AVX2-only machines; marking
 # its op incompatible makes DeepSpeed all-reduce through torch.distributed (gloo) instead.
 _SHM_ALL_REDUCE_OP = "deepspeed_shm_comm"
+_MISSING = "the deepspeed backend needs {} (not installed): pip install 'llm-cluster[deepspeed]'"
 
 
 class DeepSpeedRunner:
-    """One rank of a DeepSpeed AutoTP group (or the whole model when tp_size is 1)."""
+    """One rank of a DeepSpeed AutoTP group (or the whole model when tp.size is 1)."""
 
-    def __init__(self, folder: Path, config: LLMConfig, max_model_len: int, tp_size: int) -> None:
-        from transformers import AutoModelForCausalLM
+    def __init__(
+        self, folder: Path, config: LLMConfig, max_model_len: int, tp: TensorParallel = SINGLE, stage: PipelineStage = SINGLE_STAGE
+    ) -> None:
+        """`tp` is the rank's place in the one TP group; `stage` is always the single stage (the config refuses
+        pipeline stages with this backend)."""
+        try:
+            from transformers import AutoModelForCausalLM
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(_MISSING.format(error.name), name=error.name) from error
 
         if config.engine.num_threads:
             torch.set_num_threads(config.engine.num_threads)
@@ -36,22 +45,14 @@ class DeepSpeedRunner:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.engine.block_size
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype)
-        if tp_size > 1:
-            model = _shard_with_deepspeed(model, tp_size, self.dtype)
+        if tp.size > 1:
+            model = _shard_with_deepspeed(model, tp.size, self.dtype)
         self.model = model.to(self.device).eval()
         # transformers renamed `past_key_values` to `cache`; pass whichever this version takes
         self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         layer_shapes = self._kv_shapes()
         bytes_per_block = sum(2 * heads * dim for heads, dim in layer_shapes) * self.block_size * self.dtype.itemsize
-        budget = config.engine.kv_cache_memory_gb
-        if budget is None:
-            budget = CPU_DEFAULT_KV_GB if self.device.type == "cpu" else 0.9 * torch.cuda.mem_get_info(self.device)[0] / 2**30 - 2
-        self.num_blocks = int(budget * 2**30 // bytes_per_block)
-        if self.num_blocks * self.block_size < max_model_len:
-            raise ValueError(
-                f"KV cache budget holds {self.num_blocks * self.block_size} tokens, fewer than one sequence of "
-                f"max_model_len {max_model_len}; raise kv_cache_memory_gb or lower max_model_len"
-            )
+        self.num_blocks = kv_cache_blocks(config.engine.kv_cache_memory_gb, self.device, bytes_per_block, self.block_size, max_model_len)
         slots = (self.num_blocks + 1) * self.block_size  # +1: the block padding reads from
         self.kv_caches = [
             (
@@ -70,7 +71,7 @@ class DeepSpeedRunner:
         self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=True, **{self.cache_arg: cache})
         return [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
 
-    # the step interface the engine and the Ray workers use
+    # serving.engine.runner.ShardRunner
 
     def submit(self, step: StepInput) -> StepLogits:
         return self.execute(step)
@@ -162,8 +163,11 @@ class DeepSpeedRunner:
 
 def _shard_with_deepspeed(model: torch.nn.Module, tp_size: int, dtype: torch.dtype) -> torch.nn.Module:
     """Split the model over the default torch.distributed group (the caller has joined it)."""
-    import deepspeed
-    import deepspeed.ops
+    try:
+        import deepspeed
+        import deepspeed.ops
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(_MISSING.format(error.name), name=error.name) from error
 
     deepspeed.ops.__compatible_ops__[_SHM_ALL_REDUCE_OP] = False
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp_size}, dtype=dtype, replace_with_kernel_inject=False)

@@ -12,11 +12,9 @@ import torch
 
 from cluster.placement import PlacementError, place_workers
 from serving.config import LLMConfig
-from serving.engine.model_runner import StepInput, StepLogits
+from serving.engine.runner import ShardRunnerClass, StepInput, StepLogits
 from serving.errors import EngineDeadError
-from serving.models.arch import ModelArch
-from serving.parallel.pipeline import PipelineStage
-from serving.parallel.tensor import InvalidLayoutError, TensorParallel
+from serving.models.sharding import InvalidLayoutError
 from serving.parallel.worker import Worker
 
 
@@ -28,15 +26,14 @@ def worker_resources(config: LLMConfig, cluster_gpus: float) -> dict[str, float]
 
 
 class RayExecutor:
-    device = torch.device("cpu")  # where the driver samples
+    """A serving.engine.runner.Runner over Worker actors."""
 
-    def __init__(self, folder: Path, arch: ModelArch | None, config: LLMConfig, max_model_len: int) -> None:
-        """`arch` is None with the deepspeed backend, whose model the native engine does not know."""
+    device = torch.device("cpu")  # the logits come back to the driver's memory, which samples there
+
+    def __init__(self, folder: Path, config: LLMConfig, max_model_len: int, runner_class: ShardRunnerClass) -> None:
+        """Start one Worker per rank, each building its shard as `runner_class` (serving.engine.runner.ShardRunner)."""
         parallel = config.parallel
         tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-        if arch is not None:  # refuse a bad layout before any worker starts
-            TensorParallel(tp).check(arch)
-            PipelineStage(pp).check(arch)
         per_worker = worker_resources(config, ray.cluster_resources().get("GPU", 0.0))
         try:
             self.placement = place_workers(tp, pp, per_worker, parallel.placement_timeout_s, parallel.cluster_autoscales)
@@ -49,7 +46,9 @@ class RayExecutor:
             for strategy in self.placement.strategies
         ]
         address = ray.get(self.workers[0].rendezvous_address.remote())
-        blocks = ray.get([w.setup.remote(str(folder), config, max_model_len, rank, address) for rank, w in enumerate(self.workers)])
+        blocks = ray.get(
+            [w.setup.remote(str(folder), config, max_model_len, rank, address, runner_class) for rank, w in enumerate(self.workers)]
+        )
         self.num_blocks = min(blocks)  # stages with more layers fit fewer blocks in the same budget
         self.tensor_parallel = tp
         self.logits_rank = (pp - 1) * tp

@@ -1,7 +1,7 @@
 """One rank of a parallel replica: a model shard and its KV cache, run as a Ray actor.
 
-The shard is the native engine's (ModelRunner) or, with the deepspeed backend, a Hugging Face
-model split by DeepSpeed (DeepSpeedRunner); both take the same StepInput.
+The shard runner is whichever class the executor was given (serving.engine.runner.ShardRunner): the
+native engine's ModelRunner or, with the deepspeed backend, DeepSpeedRunner; both take the same StepInput.
 """
 from __future__ import annotations
 
@@ -14,10 +14,8 @@ import torch
 import torch.distributed as dist
 
 from serving.config import LLMConfig
-from serving.engine.model_runner import ModelRunner, StepInput, StepLogits
-from serving.models.arch import ModelArch
-from serving.parallel.pipeline import PipelineStage
-from serving.parallel.tensor import TensorParallel
+from serving.engine.runner import ShardRunnerClass, StepInput, StepLogits
+from serving.models.sharding import PipelineStage, TensorParallel
 
 
 class Worker:
@@ -32,7 +30,9 @@ class Worker:
             s.bind((ip, 0))
             return ip, s.getsockname()[1]
 
-    def setup(self, folder: str, config: LLMConfig, max_model_len: int, rank: int, address: tuple[str, int]) -> int:
+    def setup(
+        self, folder: str, config: LLMConfig, max_model_len: int, rank: int, address: tuple[str, int], runner_class: ShardRunnerClass
+    ) -> int:
         """Join the process group, load this rank's shard; returns how many KV blocks it holds."""
         tp_size, pp_size = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
         _use_node_ip_interface()
@@ -45,23 +45,17 @@ class Worker:
             timeout=timedelta(seconds=120),
         )
         self.rss_before_load = _rss_bytes()
-        if config.parallel.backend == "deepspeed":  # one TP group, all ranks; DeepSpeed shards the model
-            from serving.parallel.deepspeed_runner import DeepSpeedRunner
-
-            self.runner = DeepSpeedRunner(Path(folder), config, max_model_len, tp_size)
-            self.returns_logits = rank == 0
-            return self.runner.num_blocks
         # every rank must create every group, in the same order
         groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
         stage_rank, tp_rank = divmod(rank, tp_size)
-        tp = TensorParallel(tp_size, tp_rank, groups[stage_rank])
+        self.tp = TensorParallel(tp_size, tp_rank, groups[stage_rank])
         stage = PipelineStage(
             pp_size,
             stage_rank,
             prev_rank=rank - tp_size if stage_rank > 0 else None,
             next_rank=rank + tp_size if stage_rank < pp_size - 1 else None,
         )
-        self.runner = ModelRunner(Path(folder), ModelArch.from_folder(Path(folder)), config.model, config.engine, max_model_len, tp, stage)
+        self.runner = runner_class(Path(folder), config, max_model_len, self.tp, stage)
         self.returns_logits = stage.is_last and tp_rank == 0
         return self.runner.num_blocks
 
@@ -87,10 +81,10 @@ class Worker:
         import time
 
         x = torch.randn(rows, self.runner.arch.hidden_size, dtype=self.runner.dtype, device=self.runner.device)
-        self.runner.model.tp.all_reduce(x)
+        self.tp.all_reduce(x)
         start = time.perf_counter()
         for _ in range(iterations):
-            self.runner.model.tp.all_reduce(x)
+            self.tp.all_reduce(x)
         return (time.perf_counter() - start) / iterations
 
 

@@ -14,10 +14,9 @@ from pathlib import Path
 from cluster.placement import NodeCapacity, alive_nodes, plan_stages
 from serving.config import LLMConfig
 from serving.models.arch import ModelArch, model_limits
+from serving.models.sharding import InvalidLayoutError, check_layout
 from serving.models.source import resolve_model
-from serving.parallel.pipeline import PipelineStage
 from serving.parallel.ray_executor import worker_resources
-from serving.parallel.tensor import InvalidLayoutError, TensorParallel
 from serving.server.replica_resources import replica_actor_options
 
 _AUTOSCALING_HINT = "; if the cluster adds nodes on demand, set parallel.cluster_autoscales (--cluster-autoscales)"
@@ -40,8 +39,7 @@ def check_model_layout(config: LLMConfig, model_dir: Path) -> None:
         _, context = model_limits(model_dir)
     else:
         arch = ModelArch.from_folder(model_dir)
-        TensorParallel(parallel.tensor_parallel).check(arch)
-        PipelineStage(parallel.pipeline_parallel).check(arch)
+        check_layout(arch, parallel.tensor_parallel, parallel.pipeline_parallel)
         context = arch.max_position_embeddings
     asked = config.model.max_model_len
     if asked is not None and asked > context:
