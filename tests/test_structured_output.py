@@ -297,3 +297,48 @@ def test_sampled_json_always_validates(default_llm):
         completion = out.outputs[0]
         assert completion.finish_reason == "stop", (name, completion.text)
         jsonschema.validate(json.loads(completion.text), value)
+
+
+# tensor parallelism
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray  # here, not at the top: the other tests of this module run without Ray
+
+    from cluster.local import init_private_session
+
+    init_private_session(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_replica_constrains_as_one_worker_does(ray_session, tiny_model):
+    """The mask is applied on the driver's logits whatever the layout: the same tokens, greedy and seeded."""
+    from serving.config import EngineConfig, LLMConfig, ModelConfig, ParallelConfig
+
+    def config(tp: int) -> LLMConfig:
+        return LLMConfig(
+            model=ModelConfig(source=str(tiny_model), max_model_len=128),
+            engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.01),
+            parallel=ParallelConfig(tensor_parallel=tp, worker_cpus=0.5, placement_timeout_s=30),
+        )
+
+    item = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["id"]}
+    params = [
+        SamplingParams(max_tokens=30, temperature=0, constraint=regex("[a-z]{3,8}-[0-9]{2}")),
+        SamplingParams(max_tokens=30, temperature=1.0, seed=4, constraint=schema(item)),
+        SamplingParams(max_tokens=30, temperature=1.0, seed=5, n=2, constraint=choice("north", "south", "east")),
+    ]
+    prompts = ["A code:", "Some JSON:", "A direction:"]
+    single = [[c.token_ids for c in o.outputs] for o in LLM(config=config(1)).generate(prompts, params, use_tqdm=False)]
+    parallel = LLM(config=config(2))
+    try:
+        assert len(parallel.engine.runner.node_ids()) == 2  # two workers, one per rank
+        outputs = parallel.generate(prompts, params, use_tqdm=False)
+    finally:
+        parallel.engine.runner.shutdown()
+    assert [[c.token_ids for c in o.outputs] for o in outputs] == single
+    assert re.fullmatch("[a-z]{3,8}-[0-9]{2}", outputs[0].outputs[0].text) and outputs[0].outputs[0].finish_reason == "stop"
+    assert all(c.text in ("north", "south", "east") for c in outputs[2].outputs)
