@@ -99,7 +99,7 @@ def test_a_prefix_block_being_computed_holds_back_a_new_prompt_until_it_is_cache
     blocks = BlockManager(16, 4, enable_prefix_caching=True)
     a = new_request("a", tokens(0, 12))
     blocks.match_prefix(a)
-    blocks.mark_in_flight(a)
+    blocks.mark_computing(a)
     compute(blocks, a, 4)  # the first of its three prompt blocks is done, the second is next
 
     b = new_request("b", tokens(0, 12) + [7])
@@ -113,7 +113,7 @@ def test_a_prefix_block_being_computed_holds_back_a_new_prompt_until_it_is_cache
 
     e = new_request("e", tokens(200, 12))
     blocks.match_prefix(e)
-    blocks.mark_in_flight(e)
+    blocks.mark_computing(e)
     f = new_request("f", tokens(200, 12) + [7])
     assert not blocks.match_prefix(f)
     blocks.free(e)  # aborted or preempted before computing it: the next prompt computes it itself

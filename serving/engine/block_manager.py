@@ -4,7 +4,7 @@ A sequence owns a block table (a list of block ids). Blocks full of computed tok
 by a hash chained over all tokens up to and including the block, so a later sequence with the
 same prefix can take them instead of recomputing. Freed blocks with a hash stay reusable until
 memory is needed, then the least recently freed is evicted first. Prompt blocks that a running
-sequence is still computing are "in flight": a new prompt that needs one waits a step for it
+sequence is still computing are "computing blocks": a new prompt that needs one waits a step for it
 rather than computing it a second time.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ class BlockManager:
         self.cached_blocks: dict[bytes, int] = {}
         self.empty: deque[int] = deque(range(num_blocks))  # free and holding nothing reusable
         self.evictable: OrderedDict[int, None] = OrderedDict()  # free but hashed, oldest first
-        self.in_flight: dict[bytes, Sequence] = {}  # prompt block hash -> the sequence computing it
+        self.computing_blocks: dict[bytes, Sequence] = {}  # hash of a prompt block a step is computing -> its sequence
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
@@ -55,7 +55,7 @@ class BlockManager:
         cached = 0
         while cached < len(hashes) and hashes[cached] in self.cached_blocks:
             cached += 1
-        if cached < len(hashes) and hashes[cached] in self.in_flight:
+        if cached < len(hashes) and hashes[cached] in self.computing_blocks:
             return False
         for block_hash in hashes[:cached]:
             block = self.cached_blocks[block_hash]
@@ -67,11 +67,11 @@ class BlockManager:
         self.prefix_hits += seq.num_computed_tokens
         return True
 
-    def mark_in_flight(self, seq: Sequence) -> None:
+    def mark_computing(self, seq: Sequence) -> None:
         """Record the admitted sequence's uncached prompt blocks as being computed by it."""
         if self.enable_prefix_caching:
             for block_hash in self._prompt_block_hashes(seq)[len(seq.block_hashes) :]:
-                self.in_flight.setdefault(block_hash, seq)
+                self.computing_blocks.setdefault(block_hash, seq)
 
     def _prompt_block_hashes(self, seq: Sequence) -> list[bytes]:
         if seq.prompt_block_hashes is None:
@@ -107,8 +107,8 @@ class BlockManager:
                 parent = seq.block_hashes[-1] if seq.block_hashes else b""
                 block_hash = self._hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             seq.block_hashes.append(block_hash)
-            if self.in_flight.get(block_hash) is seq:
-                del self.in_flight[block_hash]
+            if self.computing_blocks.get(block_hash) is seq:
+                del self.computing_blocks[block_hash]
             block = seq.block_table[i]
             if block_hash not in self.cached_blocks and self.block_hashes[block] is None:
                 self.cached_blocks[block_hash] = block
@@ -131,8 +131,8 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         for block_hash in seq.prompt_block_hashes or ():
-            if self.in_flight.get(block_hash) is seq:
-                del self.in_flight[block_hash]
+            if self.computing_blocks.get(block_hash) is seq:
+                del self.computing_blocks[block_hash]
         for block in reversed(seq.block_table):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:

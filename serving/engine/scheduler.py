@@ -69,20 +69,20 @@ class Scheduler:
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
-        if not seq.in_flight:
+        if not seq.step_pending:
             self.blocks.free(seq)
 
     def launched(self, output: SchedulerOutput) -> None:
         """The step is on its way: its sequences wait for it, and their KV counts as computed."""
         for item in output.scheduled:
-            item.seq.in_flight = True
+            item.seq.step_pending = True
             item.seq.num_computed_tokens += item.num_new_tokens
             self.blocks.register_computed(item.seq)
 
     def landed(self, output: SchedulerOutput) -> None:
         """The step's results are back: its sequences can be scheduled (or freed) again."""
         for item in output.scheduled:
-            item.seq.in_flight = False
+            item.seq.step_pending = False
             if item.seq.status is SeqStatus.FINISHED:
                 self.blocks.free(item.seq)
 
@@ -93,15 +93,15 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < self.max_seqs_per_step:
             seq = self.running[i]
-            if seq.in_flight:  # its previous step is still in the pipeline
+            if seq.step_pending:  # its previous step is still in the pipeline
                 i += 1
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             allocated = self.blocks.allocate_slots(seq, n)
             while not allocated:
-                victim = next((s for s in reversed(self.running) if not s.in_flight), None)
+                victim = next((s for s in reversed(self.running) if not s.step_pending), None)
                 if victim is None:
-                    break  # every other sequence is in flight: wait for a step to land
+                    break  # every other sequence has a step pending: wait for one to land
                 self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
@@ -136,7 +136,7 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 self.waiting.appendleft(seq)
                 break
-            self.blocks.mark_in_flight(seq)
+            self.blocks.mark_computing(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))

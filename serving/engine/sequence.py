@@ -39,7 +39,7 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # hashes of the leading full blocks (prefix caching)
         self.prompt_block_hashes: list[bytes] | None = None  # of every full prompt block, computed once
         self.status = SeqStatus.WAITING
-        self.in_flight = False  # a step computing this sequence has not come back yet (pipelining)
+        self.step_pending = False  # a launched step computes this sequence and has not been collected (pipelining)
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.detokenizer = detokenizer
