@@ -1,5 +1,6 @@
 """Tool calling: the parsers on literal outputs, streamed as OpenAI streams calls; the grammar of forced calls; the
 SmolLM2 template; and end to end, the official openai client against a real server of the default model."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,18 @@ PARSED = [
     (HermesParser(), f"<tool_call>\n{WEATHER}", None, [WEATHER_CALL]),  # the closing tag left out at the end
     (HermesParser(), "No tools needed: 4.", "No tools needed: 4.", []),
     (HermesParser(), "A <tool_ tag that is not one", "A <tool_ tag that is not one", []),
-    (HermesParser(), '<tool_call>{"name": "f", "arguments": [1]}</tool_call>', '<tool_call>{"name": "f", "arguments": [1]}</tool_call>', []),
-    (Llama3JsonParser(), '{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [ParsedCall("get_weather", '{"city": "Paris"}')]),
+    (
+        HermesParser(),
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+        [],
+    ),
+    (
+        Llama3JsonParser(),
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        None,
+        [ParsedCall("get_weather", '{"city": "Paris"}')],
+    ),
     (
         Llama3JsonParser(),
         'Checking.<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}',
@@ -83,7 +94,9 @@ def stream(calling: ToolCalling, output: str, piece: int, finish_reason: str = "
 
 @pytest.mark.parametrize("parser, output, content, calls", PARSED)
 @pytest.mark.parametrize("piece", [1, 4, 1000])
-def test_streamed_calls_assemble_into_the_whole_message(parser: ToolParser, output: str, content: str | None, calls: list[ParsedCall], piece: int):
+def test_streamed_calls_assemble_into_the_whole_message(
+    parser: ToolParser, output: str, content: str | None, calls: list[ParsedCall], piece: int
+):
     calling = ToolCalling(parser, parallel=True)
     message, finish_reason = calling.message(output, "stop")
     assert stream(calling, output, piece) == (
@@ -107,7 +120,11 @@ def test_a_call_cut_by_max_tokens_says_length():
     calling = ToolCalling(HermesParser(), parallel=True)
     message, finish_reason = calling.message('<tool_call>{"name": "a", "arguments": {"x": ', "length")
     assert message["content"] == '<tool_call>{"name": "a", "arguments": {"x": ' and finish_reason == "length"
-    assert stream(calling, '<tool_call>{"name": "a", "arguments": {"x": ', 5, "length") == (None, [{"name": "a", "arguments": '{"x":'}], "length")
+    assert stream(calling, '<tool_call>{"name": "a", "arguments": {"x": ', 5, "length") == (
+        None,
+        [{"name": "a", "arguments": '{"x":'}],
+        "length",
+    )
 
 
 def test_auto_picks_the_parser_from_the_chat_template(default_model):
@@ -137,7 +154,11 @@ def test_smollm2_template_renders_tools_calls_and_results(default_model):
     conversation = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
         {"role": "tool", "content": "21 C", "tool_call_id": "c1"},
     ]
     text = tokenizer.apply_chat_template(conversation, tools=[{"type": "function", "function": WEATHER_TOOL}], chat_template=template)
@@ -167,7 +188,14 @@ TIME_TOOL = {
     "name": "get_time",
     "description": "The local time at a place.",
     "parameters": {
-        "$defs": {"place": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"], "additionalProperties": False}},
+        "$defs": {
+            "place": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"],
+                "additionalProperties": False,
+            }
+        },
         "type": "object",
         "properties": {"where": {"$ref": "#/$defs/place"}},
         "required": ["where"],
@@ -187,7 +215,12 @@ def llm(default_model) -> LLM:
 def test_forced_calls_parse_and_validate_under_sampling(llm, parser):
     functions = [FunctionDefinition.model_validate(t) for t in (WEATHER_TOOL, TIME_TOOL)]
     params = [
-        SamplingParams(max_tokens=400, temperature=1.0, seed=seed, constraint=OutputConstraint("grammar", forced_calls_grammar(parser, functions, max_calls)))
+        SamplingParams(
+            max_tokens=400,
+            temperature=1.0,
+            seed=seed,
+            constraint=OutputConstraint("grammar", forced_calls_grammar(parser, functions, max_calls)),
+        )
         for seed in range(3)
         for max_calls in (1, 3)
     ]
@@ -231,7 +264,6 @@ def assert_valid_calls(calls) -> None:
     for call in calls:
         assert call.type == "function" and call.id.startswith("call_")
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
-
 
 
 @pytest.mark.slow
@@ -297,10 +329,18 @@ def test_a_tool_result_sent_back_gets_an_answer(client):
     first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=400)
     call = first.choices[0].message.tool_calls[0]
     conversation = ASK + [
-        {"role": "assistant", "content": None, "tool_calls": [{"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}
+            ],
+        },
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"forecast": "sunny", "high_celsius": 24})},
     ]
-    answer = client.chat.completions.create(model=MODEL, messages=conversation, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=80)
+    answer = client.chat.completions.create(
+        model=MODEL, messages=conversation, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=80
+    )
     choice = answer.choices[0]
     assert choice.finish_reason == "stop" and choice.message.content.strip() and not choice.message.tool_calls
     # the assistant message as the client returned it goes back as it is, too
@@ -313,19 +353,59 @@ def test_a_tool_result_sent_back_gets_an_answer(client):
 CHAT = {"model": MODEL, "messages": ASK, "max_tokens": 8}
 BAD_TOOLS = [
     # (case, body, param, words the message must contain)
-    ("parameters not a schema", CHAT | {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 5}}}]}, "tools", ["'f'"]),
-    ("unknown type in parameters", CHAT | {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}, "tools", ["nonsense"]),
-    ("parameters not an object schema", CHAT | {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "tools", ["object"]),
+    (
+        "parameters not a schema",
+        CHAT | {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 5}}}]},
+        "tools",
+        ["'f'"],
+    ),
+    (
+        "unknown type in parameters",
+        CHAT | {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
+        "tools",
+        ["nonsense"],
+    ),
+    (
+        "parameters not an object schema",
+        CHAT | {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+        "tools",
+        ["object"],
+    ),
     ("parameters not a dict", CHAT | {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}, "tools", []),
     ("bad function name", CHAT | {"tools": [{"type": "function", "function": {"name": "two words"}}]}, "tools", []),
     ("two tools of one name", CHAT | {"tools": TOOLS + TOOLS[:1]}, "tools", ["different"]),
-    ("unknown function in tool_choice", CHAT | {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", ["nope"]),
+    (
+        "unknown function in tool_choice",
+        CHAT | {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        "tool_choice",
+        ["nope"],
+    ),
     ("tool_choice without tools", CHAT | {"tool_choice": "required"}, "tool_choice", ["tools"]),
     ("unknown tool_choice", CHAT | {"tools": TOOLS, "tool_choice": "always"}, "tool_choice", []),
-    ("forced calls and response_format", CHAT | {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tools", ["response_format"]),
+    (
+        "forced calls and response_format",
+        CHAT | {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+        "tools",
+        ["response_format"],
+    ),
     ("tool message without tool_call_id", CHAT | {"messages": [{"role": "tool", "content": "x"}]}, "messages", ["tool_call_id"]),
     ("null content from the user", CHAT | {"messages": [{"role": "user", "content": None}]}, "messages", []),
-    ("arguments not JSON", CHAT | {"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}, "messages", ["arguments"]),
+    (
+        "arguments not JSON",
+        CHAT
+        | {
+            "messages": [
+                *ASK,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}],
+                },
+            ]
+        },
+        "messages",
+        ["arguments"],
+    ),
 ]
 
 

@@ -37,8 +37,8 @@ from serving.server.openai_protocol import (
     TokenizeCompletionRequest,
 )
 from serving.server.rate_limit import RateLimiter
-from serving.server.tools.request import conversation, plan_tools, tool_template
 from serving.server.streams import close_all, gather_or_cancel, merge
+from serving.server.tools.request import conversation, plan_tools, tool_template
 from serving.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -140,8 +140,8 @@ class OpenAIServing:
                 constraint=constraint,
                 **({} if tools.skip_special_tokens is None else {"skip_special_tokens": tools.skip_special_tokens}),
             )
-            template = tool_template(info.tool_parser)
-            prompt = Prompt(chat_prompt_ids(info.tokenizer, conversation(request.messages), tools=tools.tools, chat_template=template), None)
+            turns, template = conversation(request.messages), tool_template(info.tool_parser)
+            prompt = Prompt(chat_prompt_ids(info.tokenizer, turns, tools=tools.tools, chat_template=template), None)
             limit_prompt(prompt.token_ids, self.limits)
         fmt = ChatFormat(info.tokenizer, request.prompt_logprobs, tools.calling)
         return await self._run(_Job(info.name, [prompt], params, fmt, request.stream, *_usage_options(request), names, api_key))
@@ -155,7 +155,9 @@ class OpenAIServing:
             with _engine_errors({"prompt": "messages"}):
                 limit_messages(len(request.messages), self.limits)
                 turns, template = conversation(request.messages), tool_template(info.tool_parser)
-                ids = chat_prompt_ids(info.tokenizer, turns, request.add_generation_prompt, request.add_special_tokens, chat_template=template)
+                ids = chat_prompt_ids(
+                    info.tokenizer, turns, request.add_generation_prompt, request.add_special_tokens, chat_template=template
+                )
         strings = info.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
         return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids, "token_strs": strings}
 

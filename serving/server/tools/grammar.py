@@ -1,4 +1,5 @@
 """Lark grammars (llguidance's syntax) that force tool calls in a parser's syntax, arguments valid against their schemas."""
+
 from __future__ import annotations
 
 import json

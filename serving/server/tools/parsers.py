@@ -6,6 +6,7 @@ once that is known and its arguments' JSON text so far. Each scan of a longer te
 previous one, so a stream can send the difference; the whole output scanned with `final` is what a
 non-streamed response holds. Arguments are the model's own JSON text, cut from the output.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """A chat request's tools: checked, offered to the chat template, and enforced when tool_choice says a call must come."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Tool calls in chat responses: a whole message's `tool_calls`, or OpenAI's `delta.tool_calls` chunk by chunk."""
+
 from __future__ import annotations
 
 import uuid
