@@ -16,10 +16,11 @@ from serve_app import served
 from serving.config import LimitsConfig, LLMConfig
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import OutputConstraint, SamplingParams
-from serving.server.openai_protocol import FunctionDefinition
+from serving.server.http_errors import APIError
+from serving.server.openai_protocol import ChatCompletionRequest, FunctionDefinition
 from serving.server.tools.grammar import forced_calls_grammar
 from serving.server.tools.parsers import HermesParser, Llama3JsonParser, ParsedCall, ToolParser, resolve_parser
-from serving.server.tools.request import tool_template
+from serving.server.tools.request import plan_tools, tool_template
 from serving.server.tools.stream import ToolCalling
 from serving.tokenizer import Tokenizer
 
@@ -166,6 +167,37 @@ def test_smollm2_template_renders_tools_calls_and_results(default_model):
     assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in text
     assert text.endswith("<|im_start|>user\n<tool_response>\n21 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
     assert text.count("Be brief.") == 1
+
+
+# what a request's tools fields ask for
+
+
+def chat(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": MODEL, "messages": ASK, "tools": TOOLS} | fields)
+
+
+def test_tool_choice_decides_what_is_offered_and_enforced():
+    limits = LimitsConfig()
+    auto = plan_tools(chat(), "smollm2", limits)
+    assert auto.calling is not None and auto.tools == TOOLS and auto.constraint is None and auto.skip_special_tokens is None
+    none = plan_tools(chat(tool_choice="none"), "smollm2", limits)
+    assert none.calling is None and none.tools is None and none.constraint is None
+    named = plan_tools(
+        chat(tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False), "hermes", limits
+    )
+    assert named.constraint is not None and named.constraint.spec.startswith("start: call\n")
+    assert '"const": "get_time"' in named.constraint.spec and "get_weather" not in named.constraint.spec
+    required = plan_tools(chat(tool_choice="required"), "llama3_json", limits)
+    assert f"{{0,{limits.max_tool_calls - 1}}}" in required.constraint.spec and '"parameters"' in required.constraint.spec
+    assert required.skip_special_tokens is False  # <|python_tag|> stays in the text for the parser
+    assert plan_tools(chat(tools=None), "smollm2", limits).calling is None
+
+
+def test_a_model_without_a_parser_takes_tools_only_with_tool_choice_none():
+    with pytest.raises(APIError) as refused:
+        plan_tools(chat(), "none", LimitsConfig())
+    assert refused.value.param == "tools" and "tool_parser" in refused.value.message
+    assert plan_tools(chat(tool_choice="none"), "none", LimitsConfig()).calling is None
 
 
 # forced calls on the engine
