@@ -17,10 +17,10 @@ from serving.config import LimitsConfig, LLMConfig
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import OutputConstraint, SamplingParams
 from serving.server.http_errors import APIError
-from serving.server.openai_protocol import ChatCompletionRequest, FunctionDefinition
+from serving.server.openai_protocol import ChatCompletionRequest, ChatMessage, FunctionDefinition
 from serving.server.tools.grammar import forced_calls_grammar
 from serving.server.tools.parsers import HermesParser, Llama3JsonParser, ParsedCall, ToolParser, resolve_parser
-from serving.server.tools.request import plan_tools, tool_template
+from serving.server.tools.request import conversation, plan_tools, tool_template
 from serving.server.tools.stream import ToolCalling
 from serving.tokenizer import Tokenizer
 
@@ -141,18 +141,18 @@ def test_auto_picks_the_parser_from_the_chat_template(default_model):
 
 def test_smollm2_template_renders_plain_conversations_as_the_models_own(default_model):
     tokenizer, template = Tokenizer.from_folder(default_model), tool_template("smollm2")
-    for conversation in (
+    for turns in (
         [{"role": "user", "content": "Hi"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
     ):
         for generation_prompt in (True, False):
-            ours = tokenizer.apply_chat_template(conversation, generation_prompt, chat_template=template)
-            assert ours == tokenizer.apply_chat_template(conversation, generation_prompt)
+            ours = tokenizer.apply_chat_template(turns, generation_prompt, chat_template=template)
+            assert ours == tokenizer.apply_chat_template(turns, generation_prompt)
 
 
 def test_smollm2_template_renders_tools_calls_and_results(default_model):
     tokenizer, template = Tokenizer.from_folder(default_model), tool_template("smollm2")
-    conversation = [
+    turns = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?"},
         {
@@ -162,7 +162,7 @@ def test_smollm2_template_renders_tools_calls_and_results(default_model):
         },
         {"role": "tool", "content": "21 C", "tool_call_id": "c1"},
     ]
-    text = tokenizer.apply_chat_template(conversation, tools=[{"type": "function", "function": WEATHER_TOOL}], chat_template=template)
+    text = tokenizer.apply_chat_template(turns, tools=[{"type": "function", "function": WEATHER_TOOL}], chat_template=template)
     assert text.startswith("<|im_start|>system\nBe brief.\n\n") and json.dumps({"type": "function", "function": WEATHER_TOOL}) in text
     assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in text
     assert text.endswith("<|im_start|>user\n<tool_response>\n21 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
@@ -198,6 +198,30 @@ def test_a_model_without_a_parser_takes_tools_only_with_tool_choice_none():
         plan_tools(chat(), "none", LimitsConfig())
     assert refused.value.param == "tools" and "tool_parser" in refused.value.message
     assert plan_tools(chat(tool_choice="none"), "none", LimitsConfig()).calling is None
+
+
+def test_conversation_gives_templates_arguments_as_objects():
+    messages = [
+        ChatMessage.model_validate(m)
+        for m in [
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": [1]}'}}],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "ok"}]},
+        ]
+    ]
+    assert conversation(messages) == [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": [1]}}}],
+        },
+        {"role": "tool", "content": "ok", "tool_call_id": "c1"},
+    ]
 
 
 # forced calls on the engine
@@ -360,7 +384,7 @@ def test_a_streamed_call_assembles_into_the_non_streamed_one(client, tool_choice
 def test_a_tool_result_sent_back_gets_an_answer(client):
     first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=400)
     call = first.choices[0].message.tool_calls[0]
-    conversation = ASK + [
+    history = ASK + [
         {
             "role": "assistant",
             "content": None,
@@ -370,14 +394,12 @@ def test_a_tool_result_sent_back_gets_an_answer(client):
         },
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"forecast": "sunny", "high_celsius": 24})},
     ]
-    answer = client.chat.completions.create(
-        model=MODEL, messages=conversation, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=80
-    )
+    answer = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=80)
     choice = answer.choices[0]
     assert choice.finish_reason == "stop" and choice.message.content.strip() and not choice.message.tool_calls
     # the assistant message as the client returned it goes back as it is, too
     again = client.chat.completions.create(
-        model=MODEL, messages=[*ASK, first.choices[0].message, conversation[-1]], tools=TOOLS, temperature=0, max_tokens=40
+        model=MODEL, messages=[*ASK, first.choices[0].message, history[-1]], tools=TOOLS, temperature=0, max_tokens=40
     )
     assert again.choices[0].finish_reason in ("stop", "tool_calls", "length")
 
