@@ -8,7 +8,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
 # the KV cache budget when engine.kv_cache_memory_gb is unset (serving/engine/runner.py kv_cache_blocks)
 CPU_KV_CACHE_GB = 2.0
 CUDA_KV_CACHE_FRACTION = 0.9  # of the GPU memory free once the weights are loaded ...

@@ -110,7 +110,11 @@ def cycles(edges: Edges) -> list[list[str]]:
 
 def describe(edges: Edges, component: list[str]) -> str:
     members = set(component)
-    lines = [f"{a} -> {b} ({', '.join(list(dict.fromkeys(where))[:3])})" for a in component for b, where in edges[a].items() if b in members]
+    lines = []
+    for a in component:
+        for b, where in edges[a].items():
+            if b in members:
+                lines.append(f"{a} -> {b} ({', '.join(list(dict.fromkeys(where))[:3])})")
     return "\n".join(lines)
 
 

@@ -16,7 +16,6 @@ from serving.models.arch import ModelArch
 from serving.models.attention import AttentionMetadata, paged_attention, store_kv
 from serving.models.sharding import SINGLE, SINGLE_STAGE, PipelineStage, TensorParallel
 
-
 Slice = tuple[int, int, int]  # (dim, start, length) of a checkpoint tensor
 
 
