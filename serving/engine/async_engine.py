@@ -23,6 +23,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -70,6 +71,20 @@ class _EngineThread:
                 future.set_exception(error)
 
 
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state as its latest step (or added or aborted request) left it: what other threads read
+    (metrics, autoscaling, health) instead of reaching into the engine while a step changes it."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up, since start
+    prefix_cache_hits: int = 0
+    preemptions: int = 0
+    has_unfinished_requests: bool = False
+
+
 class AsyncLLMEngine:
     def __init__(self, config: LLMConfig, collect_stats: bool = False) -> None:
         """`collect_stats`: keep the engine's measurements for `take_stats`, which the owner must then call regularly."""
@@ -83,28 +98,26 @@ class AsyncLLMEngine:
         # so a metrics thread never waits behind a step (the step lock is not fair and can starve it)
         self._stats = EngineStepStats()
         self._stats_lock = threading.Lock()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        # each request's sink: called on the requests' loop with each of its outputs, or with the error that ends it
+        self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        self._step_callbacks: list[Callable[[], None]] = []  # called on the loop after each step's outputs are delivered
         self._loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered: the requests' loop
         self._stepping = False  # the engine's thread is in the step loop; read and written under _lock
+        self.snapshot = EngineSnapshot()  # replaced (one assignment) under the lock after every change
         self.dead_error: BaseException | None = None
         self.last_progress = time.monotonic()  # last time a step produced tokens (or the engine was idle)
 
     def seconds_without_progress(self) -> float:
         """How long the engine has had work but produced nothing (0 while idle)."""
-        if not self.engine.has_unfinished_requests():
+        if not self.snapshot.has_unfinished_requests:
             return 0.0
         return time.monotonic() - self.last_progress
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as tokens arrive; closing the iterator early aborts it."""
-        if self.dead_error is not None:
-            raise EngineDeadError(f"the engine stopped: {self.dead_error}")
-        self._loop = asyncio.get_running_loop()
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        request_id = self._admit(request_id)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._streams[request_id] = queue
+        self._sinks[request_id] = queue.put_nowait
         finished = False
         try:
             try:
@@ -119,9 +132,60 @@ class AsyncLLMEngine:
                 finished = item.finished
                 yield item
         finally:
-            self._streams.pop(request_id, None)
+            self._sinks.pop(request_id, None)
             if not finished:  # closed early, cancelled or failed: make sure the engine lets it go
                 await asyncio.shield(self.abort(request_id))
+
+    async def run(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, sink: Callable[[RequestOutput], None]
+    ) -> None:
+        """Run a request, calling `sink(output)` on this loop with each of its outputs as the steps make them (no task
+        wakes up per output); returns once it has finished. Cancelling it aborts the request.
+
+        The outputs of one step reach every sink before the callbacks of `on_step` run, so a caller can gather
+        a step's outputs of many requests and send them on as one message."""
+        request_id = self._admit(request_id)
+        done: asyncio.Future[None] = self._loop.create_future()
+
+        def deliver(item: RequestOutput | BaseException) -> None:
+            if done.done():
+                return
+            if isinstance(item, BaseException):
+                done.set_exception(item)
+                return
+            sink(item)
+            if item.finished:
+                done.set_result(None)
+
+        self._sinks[request_id] = deliver
+        finished = False
+        try:
+            try:
+                await asyncio.to_thread(self._add_locked, request_id, prompt, params)
+            except LLMClusterError:
+                finished = True
+                raise
+            await done
+            finished = True
+        finally:
+            self._sinks.pop(request_id, None)
+            if not finished:
+                await asyncio.shield(self.abort(request_id))
+
+    def on_step(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback()` on the requests' loop after each step's outputs have reached their sinks; returns a
+        function that removes it."""
+        self._step_callbacks.append(callback)
+        return lambda: self._step_callbacks.remove(callback) if callback in self._step_callbacks else None
+
+    def _admit(self, request_id: str | None) -> str:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead_error}")
+        self._loop = asyncio.get_running_loop()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._sinks:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        return request_id
 
     def take_stats(self) -> EngineStepStats:
         """What the engine measured since the last call (see LLMEngine.take_stats); safe from any thread."""
@@ -144,6 +208,7 @@ class AsyncLLMEngine:
             if not self.engine.has_unfinished_requests():
                 self.last_progress = time.monotonic()
             self.engine.add_request(request_id, prompt, params, matcher)
+            self._take_snapshot()
             if not self._stepping:
                 self._stepping = True
                 self._thread.submit(self._run)
@@ -151,6 +216,7 @@ class AsyncLLMEngine:
     def _abort_locked(self, request_id: str) -> EngineStepStats:
         with self._lock:
             self.engine.abort_request(request_id)
+            self._take_snapshot()
             return self.engine.take_stats()
 
     def run_on_engine_thread(self, call: Callable[[LLMEngine], T]) -> T:
@@ -171,6 +237,7 @@ class AsyncLLMEngine:
                         self._stepping = False  # under the lock: a request added after this starts the loop again
                         return
                     outputs, stats = self.engine.step(), self.engine.take_stats()
+                    self._take_snapshot()
                 self._keep_stats(stats)
                 if outputs:
                     self.last_progress = time.monotonic()
@@ -179,6 +246,19 @@ class AsyncLLMEngine:
             logger.exception("the engine stopped")
             self.dead_error = error
             self._in_loop(self._fail_all, EngineDeadError(f"the engine stopped: {error!r}"))
+
+    def _take_snapshot(self) -> None:
+        """Under the lock: publish the engine's state for other threads."""
+        engine = self.engine
+        self.snapshot = EngineSnapshot(
+            num_running=engine.num_running,
+            num_waiting=engine.num_waiting,
+            kv_cache_usage=engine.blocks.usage,
+            prefix_cache_queries=engine.blocks.prefix_queries,
+            prefix_cache_hits=engine.blocks.prefix_hits,
+            preemptions=engine.scheduler.num_preemptions,
+            has_unfinished_requests=engine.has_unfinished_requests(),
+        )
 
     def _in_loop(self, callback: Callable[[Any], None], arg: Any) -> None:
         """Run `callback(arg)` on the requests' event loop (this runs in the engine's thread)."""
@@ -189,9 +269,14 @@ class AsyncLLMEngine:
 
     def _put(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
-            if (queue := self._streams.get(output.request_id)) is not None:
-                queue.put_nowait(output)
+            if (sink := self._sinks.get(output.request_id)) is not None:
+                sink(output)
+        for callback in list(self._step_callbacks):
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - one listener's fault must not cost the others their step
+                logger.exception("a step callback failed")
 
     def _fail_all(self, error: EngineDeadError) -> None:
-        for stream in self._streams.values():
-            stream.put_nowait(error)
+        for sink in list(self._sinks.values()):
+            sink(error)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psutil
@@ -17,11 +16,9 @@ from serving.engine.sampling_params import SamplingParams
 from serving.errors import EngineDeadError, InvalidRequestError
 from serving.metrics.export import MetricsPusher
 from serving.metrics.replica import EngineState, ReplicaMetrics
-from serving.server.messages import (
-    GenerationDelta,
-    ModelInfo,
-    engine_deltas,
-)
+from serving.engine.sequence import RequestOutput
+from serving.server.channel import ChannelAddress, Outboxes
+from serving.server.messages import GenerationDelta, ModelInfo, whole_output
 from serving.server.tools.parsers import resolve_parser
 
 
@@ -45,6 +42,7 @@ class LLMDeployment:
         # only the pusher's thread touches the deque; Serve's thread reads the float it publishes (one assignment)
         self._recent_ttft: deque[tuple[float, float]] = deque()  # (when, seconds) within the look-back period
         self._mean_ttft_s = 0.0
+        self._outboxes = Outboxes(self.engine)  # one per API replica with requests here, made on its first
         self._pusher = MetricsPusher(f"llm-{self.replica}", self.metrics.registry, self.config.server, self._refresh_metrics)
 
     def __del__(self) -> None:
@@ -56,30 +54,33 @@ class LLMDeployment:
     # A request the engine rejects is answered with the error as a value, not raised: it is the
     # client's fault, and Serve would log a raised one as a failure of this replica.
 
-    async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[GenerationDelta | InvalidRequestError]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, channel: ChannelAddress) -> InvalidRequestError | None:
+        """Run a request whose deltas go to the API replica at `channel`, with those of every other request of that
+        API replica, one message per engine step (serving/server/channel.py). Returns once the last delta has been
+        written; cancelling the call (the client left) aborts the request."""
         try:
-            async for delta in engine_deltas(self.engine.generate(prompt_ids, params, request_id)):
-                yield delta
-        except InvalidRequestError as error:
-            yield error
-        except EngineDeadError:
-            self.metrics.count_error()
-            raise
-
-    async def complete(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> GenerationDelta | InvalidRequestError:
-        result: GenerationDelta | None = None
-        try:
-            async for delta in engine_deltas(self.engine.generate(prompt_ids, params, request_id)):
-                result = delta if result is None else result.merge(delta)
+            await self._outboxes.get(channel).send(prompt_ids, params, request_id)
         except InvalidRequestError as error:
             return error
         except EngineDeadError:
             self.metrics.count_error()
             raise
-        assert result is not None, "the engine finishes every request with an output"
-        return result
+        return None
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> GenerationDelta | InvalidRequestError:
+        last: list[RequestOutput] = []  # the latest output only: it holds the whole text so far
+
+        def keep(output: RequestOutput) -> None:
+            last[:] = [output]
+
+        try:
+            await self.engine.run(prompt_ids, params, request_id, keep)
+        except InvalidRequestError as error:
+            return error
+        except EngineDeadError:
+            self.metrics.count_error()
+            raise
+        return whole_output(last[-1])
 
     async def model_info(self) -> ModelInfo:
         engine = self.engine.engine
@@ -101,25 +102,24 @@ class LLMDeployment:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler averages these per replica over the look-back period (serving/server/autoscaling.py)."""
-        engine = self.engine.engine
+        snapshot = self.engine.snapshot
         return {
-            "waiting": engine.num_waiting,
-            "kv_cache_usage": engine.blocks.usage,
+            "waiting": snapshot.num_waiting,
+            "kv_cache_usage": snapshot.kv_cache_usage,
             "ttft_s": self._mean_ttft_s,
             "startup_s": self.startup_s,
         }
 
     def _refresh_metrics(self) -> None:
         """Runs in the metrics pusher's thread before each push."""
-        engine = self.engine.engine
-        step = self.engine.take_stats()
+        snapshot, step = self.engine.snapshot, self.engine.take_stats()
         state = EngineState(
-            num_running=engine.num_running,
-            num_waiting=engine.num_waiting,
-            kv_cache_usage=engine.blocks.usage,
-            prefix_cache_queries=engine.blocks.prefix_queries,
-            prefix_cache_hits=engine.blocks.prefix_hits,
-            preemptions=engine.scheduler.num_preemptions,
+            num_running=snapshot.num_running,
+            num_waiting=snapshot.num_waiting,
+            kv_cache_usage=snapshot.kv_cache_usage,
+            prefix_cache_queries=snapshot.prefix_cache_queries,
+            prefix_cache_hits=snapshot.prefix_cache_hits,
+            preemptions=snapshot.preemptions,
             healthy=self._health_problem() is None,
         )
         self.metrics.update(state, step)

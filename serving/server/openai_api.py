@@ -128,7 +128,7 @@ class OpenAIServing:
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         tools = plan_tools(request, info.tool_parser, self.limits)
-        constraint, constraint_field = request_constraint(request, self.limits, tools.constraint)
+        constraint, constraint_field = request_constraint(request, self.limits, tools.constraint, tools.forced)
         names = {"prompt": "messages", "logprobs": "top_logprobs"} | _max_tokens_name(request) | _constraint_name(constraint_field)
         with _engine_errors(names):
             limit_messages(len(request.messages), self.limits)
@@ -231,11 +231,13 @@ class OpenAIServing:
             head["usage"] = None
         prompt_tokens = sum(f.num_prompt_tokens for f in firsts)
         completion_tokens = 0
+        # every chunk starts the same: encoded once, each chunk encodes only its choices
+        prefix = f"data: {json.dumps(head, ensure_ascii=False)[:-1]}, \"choices\": "
 
         def chunk(choices: list[dict[str, Any]]) -> str:
             if job.continuous_usage:
                 return _event(head | {"choices": choices, "usage": _usage(prompt_tokens, completion_tokens)})
-            return _event(head | {"choices": choices})
+            return f"{prefix}{json.dumps(choices, ensure_ascii=False)}}}\n\n"
 
         try:
             for i, first in enumerate(firsts):
