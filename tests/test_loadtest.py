@@ -146,6 +146,57 @@ def test_http_target_times_each_chunk_of_the_stream():
     assert server.headers[0]["Authorization"] == "Bearer secret"
 
 
+def test_a_point_reports_the_load_generators_own_cpu_time():
+    """Events split across reads, several in one read, and CRLF line ends (sse-starlette's) all parse; the point's
+    summary holds the client's CPU time in all and per output token."""
+    server = ScriptedServer([0.0] * 40)
+
+    async def scenario() -> LoadRun:
+        async with server.serving() as url:
+            target = HTTPTarget(url, "m")
+            try:
+                return await run_load(target, [SPEC], LoadPoint(concurrency=2), num_requests=4, progress=False)
+            finally:
+                await target.close()
+
+    run = asyncio.run(scenario())
+    assert all(r.ok and r.output_len == 40 and len(r.chunk_times) == 40 for r in run.results)
+    summary = point_record(LoadPoint(concurrency=2), run, None)["summary"]
+    assert summary["client_cpu_s"] > 0
+    assert summary["client_cpu_us_per_output_token"] == pytest.approx(summary["client_cpu_s"] / 160 * 1e6)
+    assert "client CPU s" in summary_table([{"load": {"label": "c=2"}, "summary": summary}])
+
+
+def test_crlf_events_split_across_reads_are_parsed():
+    events = [f"data: {json.dumps({'choices': [{'index': 0, 'text': f' w{i}'}]})}\r\n\r\n".encode() for i in range(3)]
+    stream = b"".join(events) + b"data: [DONE]\r\n\r\n"
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(0, len(stream), 7):  # mid-line and mid-CRLF cuts
+            await response.write(stream[i : i + 7])
+            await asyncio.sleep(0.001)
+        return response
+
+    async def scenario() -> RequestResult:
+        app = web.Application()
+        app.add_routes([web.post("/v1/completions", chunked)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        target = HTTPTarget(f"http://127.0.0.1:{port}", "m")
+        try:
+            return await target.send(SPEC)
+        finally:
+            await target.close()
+            await runner.cleanup()
+
+    result = asyncio.run(scenario())
+    assert result.ok and len(result.chunk_times) == 3 and result.output_len == 3
+
+
 def test_without_usage_output_tokens_are_counted_with_the_tokenizer(default_model):
     server = ScriptedServer([0.0, 0.0, 0.0], usage=False)
     tokenizer = Tokenizer.from_folder(default_model)

@@ -10,6 +10,7 @@ METRICS = (  # (column, how to read it from a point's summary)
     ("out tok/s", lambda s: s["output_throughput"]),
     ("TTFT med ms", lambda s: s["ttft_ms"]["median"]),
     ("ITL med ms", lambda s: s["itl_ms"]["median"]),
+    ("client CPU us/tok", lambda s: s.get("client_cpu_us_per_output_token")),  # the load generator's own cost
 )
 
 

@@ -1,17 +1,20 @@
 """An in-process target: requests go straight to an `AsyncLLMEngine`, without HTTP or Ray.
 
 For machines without Ray (the GPU machine) and for separating engine time from serving overhead.
-A "chunk" is one engine output that added tokens, as one SSE event would be.
+A "chunk" is one engine output that added tokens, as one SSE event would be. Outputs reach each request
+through `AsyncLLMEngine.run`'s sink, as in the LLM replica, not one task wake-up per token.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 
 from benchmarks.loadtest.client import RequestResult
 from benchmarks.loadtest.workloads import RequestSpec
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.sampling_params import SamplingParams
+from serving.engine.sequence import RequestOutput
 from serving.errors import LLMClusterError
 
 
@@ -24,16 +27,16 @@ class EngineTarget:
     async def send(self, spec: RequestSpec) -> RequestResult:
         params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=self.ignore_eos)
         result = RequestResult(spec.prompt_len, start=time.perf_counter())
-        produced = 0
+
+        def sink(output: RequestOutput) -> None:  # as the LLM replica takes outputs: no task wakes per token
+            if new := len(output.outputs[0].token_ids_delta):
+                result.chunk_times.append(time.perf_counter() - result.start)
+                result.output_len += new
+
         try:
-            async for output in self.engine.generate(spec.prompt, params):
-                tokens = len(output.outputs[0].token_ids)
-                if tokens > produced:
-                    result.chunk_times.append(time.perf_counter() - result.start)
-                    produced = tokens
+            await self.engine.run(spec.prompt, params, uuid.uuid4().hex, sink)
         except LLMClusterError as error:
             result.error, result.detail = type(error).__name__, str(error)[:300]
-        result.output_len = produced
         result.end = time.perf_counter()
         return result
 

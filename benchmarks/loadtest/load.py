@@ -59,6 +59,7 @@ class LoadPoint:
 class LoadRun:
     results: list[RequestResult]
     duration_s: float  # first send to last answer
+    client_cpu_s: float | None = None  # CPU time this process (the load generator) used meanwhile, all threads
 
 
 async def run_load(
@@ -79,14 +80,15 @@ async def run_load(
         warm_point = LoadPoint(concurrency=min(warmup, point.concurrency or point.max_concurrency or warmup))
         await _closed_loop(target, workload, warm_point.concurrency, warmup, None, None)
     bar = tqdm(total=num_requests, desc=point.label, unit="req", disable=not progress, leave=False)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if point.concurrency is not None:
         results = await _closed_loop(target, workload, point.concurrency, num_requests, duration_s, bar)
     else:
         results = await _open_loop(target, workload, point, num_requests, duration_s, random.Random(seed), bar)
+    cpu_s = time.process_time() - cpu_started
     bar.close()
     ends = [r.end for r in results]
-    return LoadRun(results, (max(ends) if ends else time.perf_counter()) - started)
+    return LoadRun(results, (max(ends) if ends else time.perf_counter()) - started, cpu_s)
 
 
 async def _closed_loop(

@@ -25,11 +25,21 @@ def point_record(point: LoadPoint, run: LoadRun, slo_ms: dict[str, float] | None
     failures = [{"error": r.error, "detail": r.detail} for r in run.results if not r.ok][:10]
     return {
         "load": point.to_dict(),
-        "summary": summarize(run.results, run.duration_s, slo_ms),
+        "summary": summarize(run.results, run.duration_s, slo_ms) | _client_cpu(run),
         "ttft_s": [round(p["ttft"], 6) for p in latencies],
         "itl_s": [round(gap, 6) for p in latencies for gap in p["itl"]],
         "first_failures": failures,
     }
+
+
+def _client_cpu(run: LoadRun) -> dict[str, float]:
+    """The load generator's own CPU time over the point, in all and per output token: what it took from the
+    machine it shares with the server."""
+    if run.client_cpu_s is None:
+        return {}
+    tokens = sum(r.output_len for r in run.results if r.ok)
+    per_token = run.client_cpu_s / tokens * 1e6 if tokens else None
+    return {"client_cpu_s": run.client_cpu_s, "client_cpu_us_per_output_token": per_token}
 
 
 def result_document(label: str, settings: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -70,6 +80,7 @@ def summary_table(points: Sequence[dict[str, Any]]) -> str:
         "ITL med",
         "ITL p99",
         "E2EL med",
+        "client CPU s",
     ]
     with_goodput = any("goodput" in p["summary"] for p in points)
     if with_goodput:
@@ -90,6 +101,7 @@ def summary_table(points: Sequence[dict[str, Any]]) -> str:
             _ms(s["itl_ms"]["median"]),
             _ms(s["itl_ms"]["p99"]),
             _ms(s["e2el_ms"]["median"]),
+            "-" if s.get("client_cpu_s") is None else f"{s['client_cpu_s']:.2f}",
         ]
         if with_goodput:
             row.append(f"{s['goodput']:.2f}" if "goodput" in s else "-")
