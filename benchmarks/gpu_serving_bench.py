@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.loadtest.bench import RunSpec, run_points
-from benchmarks.loadtest.engine_target import EngineTarget
-from benchmarks.loadtest.load import LoadPoint
-from benchmarks.loadtest.plots import plot_result
-from benchmarks.loadtest.report import result_document, summary_table, write_result
-from benchmarks.loadtest.workloads import token_id_requests
+from serving.loadtest.bench import RunSpec, run_points
+from serving.loadtest.engine_target import EngineTarget
+from serving.loadtest.load import LoadPoint
+from serving.loadtest.plots import plot_result
+from serving.loadtest.report import result_document, summary_table, write_result
+from serving.loadtest.workloads import token_id_requests
 from serving.config import LLMConfig
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.models.tiny import make_tiny_llama

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             add_kubernetes_status_flags(sub)
     add_preflight_command(commands)
-    from benchmarks.loadtest.cli import add_bench_command  # argparse only: the load tester loads when it runs
+    from serving.loadtest.cli import add_bench_command  # argparse only: the load tester loads when it runs
 
     add_bench_command(commands)
     return parser

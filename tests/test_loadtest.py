@@ -13,13 +13,13 @@ import pytest
 from aiohttp import web
 from ports import free_port
 
-from benchmarks.loadtest.client import HTTPTarget, RequestResult
-from benchmarks.loadtest.compare import compare_table
-from benchmarks.loadtest.load import LoadPoint, LoadRun, run_load
-from benchmarks.loadtest.metrics import summarize
-from benchmarks.loadtest.plots import plot_comparison, plot_result
-from benchmarks.loadtest.report import load_result, point_record, result_document, summary_table, write_result
-from benchmarks.loadtest.workloads import RequestSpec, file_requests, random_requests, shared_prefix_requests
+from serving.loadtest.client import HTTPTarget, RequestResult
+from serving.loadtest.compare import compare_table
+from serving.loadtest.load import LoadPoint, LoadRun, run_load
+from serving.loadtest.metrics import summarize
+from serving.loadtest.plots import plot_comparison, plot_result
+from serving.loadtest.report import load_result, point_record, result_document, summary_table, write_result
+from serving.loadtest.workloads import RequestSpec, file_requests, random_requests, shared_prefix_requests
 from serving.tokenizer import Tokenizer
 
 # metric arithmetic on hand-timed requests

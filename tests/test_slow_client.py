@@ -21,10 +21,10 @@ import pytest
 from ports import free_port
 from serve_app import served
 
-from benchmarks.loadtest.client import HTTPTarget
-from benchmarks.loadtest.load import LoadPoint, run_load
-from benchmarks.loadtest.metrics import request_latencies
-from benchmarks.loadtest.workloads import RequestSpec
+from serving.loadtest.client import HTTPTarget
+from serving.loadtest.load import LoadPoint, run_load
+from serving.loadtest.metrics import request_latencies
+from serving.loadtest.workloads import RequestSpec
 from serving.config import LLMConfig
 from serving.models.tiny import make_tiny_llama
 

@@ -5,7 +5,7 @@ server (llama-cpp-python) and a transformers baseline, one server at a time, in 
     python -m benchmarks.peers.run_comparison        # ~20 minutes on 2 cores; results in benchmarks/results/peers/
 
 Every server gets the default model (SmolLM2-135M-Instruct) in float32 on 127.0.0.1, 2 threads,
-batches of at most 32. Each load point sends prompts of exactly 16 tokens asking for 128 greedy
+batches of at most 32. Each load point sends prompts of exactly 16 tokens (--input-len) asking for 128 greedy
 tokens with ignore_eos (llama.cpp: min_tokens, its equivalent): concurrency 1 with 3 requests,
 8 with 16 and 32 with 32, each after one warm-up request. Our server runs first and again last,
 to show how much the shared machine drifted during the run. Writes one result file per server,
@@ -25,10 +25,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.loadtest.cli import main as bench
-from benchmarks.loadtest.compare import compare_table
-from benchmarks.loadtest.plots import plot_comparison
-from benchmarks.loadtest.report import load_result, write_result
+from serving.loadtest.cli import main as bench
+from serving.loadtest.compare import compare_table
+from serving.loadtest.plots import plot_comparison
+from serving.loadtest.report import load_result, write_result
 from cluster.local import free_port
 
 MODEL = Path.home() / ".cache/llm-cluster/models/SmolLM2-135M-Instruct"
@@ -148,7 +148,7 @@ def stop(process: subprocess.Popen | None, env: dict[str, str]) -> None:
         process.wait()
 
 
-def measure(label: str, url: str, settings: dict[str, str], out_dir: Path) -> Path:
+def measure(label: str, url: str, settings: dict[str, str], out_dir: Path, input_len: int = INPUT_LEN) -> Path:
     """The three load points, one `bench run` each, merged into one result file."""
     extra = {"min_tokens": OUTPUT_LEN} if label == "llama.cpp" else {}
     documents = []
@@ -156,7 +156,7 @@ def measure(label: str, url: str, settings: dict[str, str], out_dir: Path) -> Pa
         path = out_dir / f"{label}-c{concurrency}.json"
         args = ["bench", "run", "--url", url, "--tokenizer", str(MODEL), "--label", label, "--out", str(path)]
         args += ["--concurrency", str(concurrency), "--num-requests", str(requests), "--warmup", "1", "--quiet"]
-        args += ["--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--extra-body", json.dumps(extra)]
+        args += ["--input-len", str(input_len), "--output-len", str(OUTPUT_LEN), "--extra-body", json.dumps(extra)]
         args += [f"--setting={key}={value}" for key, value in settings.items()]
         bench(args)
         documents.append(load_result(path))
@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--peers-dir", type=Path, default=Path(os.environ.get("PEERS_DIR", "/opt/peers")))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers"))
     parser.add_argument("--only", nargs="+", help="run only these servers (names as in the table)")
+    parser.add_argument("--input-len", type=int, default=INPUT_LEN, help="prompt tokens (default: %(default)s)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -195,7 +196,7 @@ def main() -> None:
                 continue
             try:
                 print(f"   ready after {time.monotonic() - started:.0f} s", flush=True)
-                results.append(measure(label, url, settings, args.out))
+                results.append(measure(label, url, settings | {"input_len": str(args.input_len)}, args.out, args.input_len))
             finally:
                 stop(process, env)
     if len(results) >= 2:

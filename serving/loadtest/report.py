@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadtest.load import LoadPoint, LoadRun
-from benchmarks.loadtest.metrics import request_latencies, summarize
+from serving.loadtest.load import LoadPoint, LoadRun
+from serving.loadtest.metrics import request_latencies, summarize
 
 RESULT_VERSION = 1
 

@@ -9,7 +9,7 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 
-from benchmarks.loadtest.workloads import RequestSpec
+from serving.loadtest.workloads import RequestSpec
 from serving.tokenizer import Tokenizer
 
 Endpoint = Literal["completions", "chat"]

@@ -5,7 +5,7 @@
   llmcluster bench sweep --url ... --tokenizer MODEL_FOLDER --request-rate 1 2 4 --burstiness 0.5
   llmcluster bench compare ours.json vllm.json --plot compare.png
 
-Also `python -m benchmarks.loadtest ...`. This module only defines the command line (argparse);
+Also `python -m serving.loadtest ...`. This module only defines the command line (argparse);
 the tool itself is imported when a command runs.
 """
 
@@ -40,7 +40,7 @@ def add_bench_command(commands: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.loadtest")
+    parser = argparse.ArgumentParser(prog="python -m serving.loadtest")
     add_bench_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.run(args, args.parser)
@@ -87,8 +87,8 @@ def _add_run_args(parser: argparse.ArgumentParser, many: bool) -> None:
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import asyncio
 
-    from benchmarks.loadtest.bench import RunSpec, WorkloadSpec
-    from benchmarks.loadtest.load import LoadPoint
+    from serving.loadtest.bench import RunSpec, WorkloadSpec
+    from serving.loadtest.load import LoadPoint
 
     values = args.concurrency if args.concurrency is not None else args.request_rate
     values = values if isinstance(values, list) else [values]
@@ -117,9 +117,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 async def _run_http(args: argparse.Namespace, workload: Any, points: list, spec: Any, settings: dict[str, str]) -> int:
-    from benchmarks.loadtest.bench import run_points
-    from benchmarks.loadtest.client import HTTPTarget, fetch_model
-    from benchmarks.loadtest.report import result_document
+    from serving.loadtest.bench import run_points
+    from serving.loadtest.client import HTTPTarget, fetch_model
+    from serving.loadtest.report import result_document
     from serving.tokenizer import Tokenizer
 
     model = args.model or await fetch_model(args.url, args.api_key)
@@ -148,22 +148,22 @@ async def _run_http(args: argparse.Namespace, workload: Any, points: list, spec:
 
 
 def _present(document: dict[str, Any], out: Path | None, plots: Path | None) -> None:
-    from benchmarks.loadtest.report import summary_table, write_result
+    from serving.loadtest.report import summary_table, write_result
 
     print(summary_table(document["points"]))
     if out:
         write_result(document, out)
         print(f"result: {out}")
     if plots:
-        from benchmarks.loadtest.plots import plot_result
+        from serving.loadtest.plots import plot_result
 
         for path in plot_result(document, plots):
             print(f"plot: {path}")
 
 
 def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from benchmarks.loadtest.compare import compare_table
-    from benchmarks.loadtest.report import load_result
+    from serving.loadtest.compare import compare_table
+    from serving.loadtest.report import load_result
 
     if len(args.results) < 2:
         parser.error("compare needs two or more result files")
@@ -173,7 +173,7 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.out:
         args.out.write_text(table + "\n")
     if args.plot:
-        from benchmarks.loadtest.plots import plot_comparison
+        from serving.loadtest.plots import plot_comparison
 
         print(f"plot: {plot_comparison(documents, args.plot)}")
     return 0

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.loadtest.client import RequestResult
+from serving.loadtest.client import RequestResult
 
 STATS = ("mean", "median", "p90", "p99")
 LATENCIES = ("ttft", "tpot", "itl", "e2el")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 import uuid
 
-from benchmarks.loadtest.client import RequestResult
-from benchmarks.loadtest.workloads import RequestSpec
+from serving.loadtest.client import RequestResult
+from serving.loadtest.workloads import RequestSpec
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import RequestOutput

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from benchmarks.loadtest.client import Target
-from benchmarks.loadtest.load import LoadPoint, run_load
-from benchmarks.loadtest.report import point_record
-from benchmarks.loadtest.workloads import RequestSpec, file_requests, random_requests, shared_prefix_requests
+from serving.loadtest.client import Target
+from serving.loadtest.load import LoadPoint, run_load
+from serving.loadtest.report import point_record
+from serving.loadtest.workloads import RequestSpec, file_requests, random_requests, shared_prefix_requests
 from serving.tokenizer import Tokenizer
 
 

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
-from benchmarks.loadtest.client import RequestResult, Target
-from benchmarks.loadtest.workloads import RequestSpec
+from serving.loadtest.client import RequestResult, Target
+from serving.loadtest.workloads import RequestSpec
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,0 @@
-import sys
-
-from benchmarks.loadtest.cli import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from serving.loadtest.cli import main
+
+sys.exit(main())
