@@ -125,8 +125,8 @@ class LimitsConfig(_Strict):
     max_tool_calls: int = Field(
         4,
         gt=0,
-        description="Most tool calls in one choice when tool_choice forces calls and parallel_tool_calls allows several "
-        "(a small model given the room repeats its call until max_tokens).",
+        description="Most tool calls one choice may make where a grammar enforces them and parallel_tool_calls allows "
+        "several (a small model given the room repeats its call until max_tokens).",
     )
 
 

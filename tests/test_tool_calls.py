@@ -16,9 +16,10 @@ from serve_app import served
 from serving.config import LimitsConfig, LLMConfig
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import OutputConstraint, SamplingParams
+from serving.server.constraints import request_constraint
 from serving.server.http_errors import APIError
 from serving.server.openai_protocol import ChatCompletionRequest, ChatMessage, FunctionDefinition
-from serving.server.tools.grammar import forced_calls_grammar
+from serving.server.tools.grammar import forced_calls_grammar, text_or_calls_grammar
 from serving.server.tools.parsers import HermesParser, Llama3JsonParser, ParsedCall, ToolParser, resolve_parser
 from serving.server.tools.request import conversation, plan_tools, tool_template
 from serving.server.tools.stream import ToolCalling
@@ -179,18 +180,34 @@ def chat(**fields) -> ChatCompletionRequest:
 def test_tool_choice_decides_what_is_offered_and_enforced():
     limits = LimitsConfig()
     auto = plan_tools(chat(), "smollm2", limits)
-    assert auto.calling is not None and auto.tools == TOOLS and auto.constraint is None and auto.skip_special_tokens is None
+    assert auto.calling is not None and auto.tools == TOOLS and not auto.forced and auto.skip_special_tokens is None
+    assert auto.constraint is not None and auto.constraint.spec.startswith("start: TEXT | ")
+    assert plan_tools(chat(tool_choice="auto"), "llama3_json", limits).constraint is None  # its calls open with no tag in text
     none = plan_tools(chat(tool_choice="none"), "smollm2", limits)
     assert none.calling is None and none.tools is None and none.constraint is None
     named = plan_tools(
         chat(tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False), "hermes", limits
     )
-    assert named.constraint is not None and named.constraint.spec.startswith("start: call\n")
+    assert named.forced and named.constraint is not None and named.constraint.spec.startswith("start: call\n")
     assert '"const": "get_time"' in named.constraint.spec and "get_weather" not in named.constraint.spec
     required = plan_tools(chat(tool_choice="required"), "llama3_json", limits)
     assert f"{{0,{limits.max_tool_calls - 1}}}" in required.constraint.spec and '"parameters"' in required.constraint.spec
     assert required.skip_special_tokens is False  # <|python_tag|> stays in the text for the parser
     assert plan_tools(chat(tools=None), "smollm2", limits).calling is None
+
+
+def test_another_constraint_wins_over_autos_grammar_and_conflicts_with_forced_calls():
+    limits, json_object = LimitsConfig(), {"response_format": {"type": "json_object"}}
+    auto = plan_tools(chat(**json_object), "smollm2", limits)
+    assert request_constraint(chat(**json_object), limits, auto.constraint, auto.forced) == (
+        OutputConstraint("json", '{"type":"object"}'),
+        "response_format",
+    )
+    assert request_constraint(chat(), limits, auto.constraint, auto.forced) == (auto.constraint, "tools")
+    required = plan_tools(chat(tool_choice="required", **json_object), "smollm2", limits)
+    with pytest.raises(APIError) as refused:
+        request_constraint(chat(tool_choice="required", **json_object), limits, required.constraint, required.forced)
+    assert refused.value.param == "tools" and "response_format" in refused.value.message
 
 
 def test_a_model_without_a_parser_takes_tools_only_with_tool_choice_none():
@@ -288,6 +305,29 @@ def test_forced_calls_parse_and_validate_under_sampling(llm, parser):
         assert completion.finish_reason == "stop" and content is None and 1 <= len(calls) <= max_calls, completion.text
         for call in calls:
             jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+
+
+@pytest.mark.slow
+def test_auto_leaves_text_free_and_enforces_a_call_once_it_opens(llm):
+    functions = [FunctionDefinition.model_validate(t) for t in (WEATHER_TOOL, TIME_TOOL)]
+    constraint = OutputConstraint("grammar", text_or_calls_grammar("smollm2", functions, 2))
+    prompt = llm.tokenizer.apply_chat_template(ASK, tools=TOOLS, chat_template=tool_template("smollm2"))
+    free, bound = SamplingParams(max_tokens=40, temperature=0), SamplingParams(max_tokens=40, temperature=0, constraint=constraint)
+    outputs = llm.generate([prompt, prompt], [free, bound], use_tqdm=False)
+    assert outputs[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids  # text the grammar leaves alone
+    start = llm.engine.grammars.matcher(constraint)
+
+    def accepts(text: str) -> bool:
+        matcher = start.deep_copy()
+        return all(matcher.consume_token(t) for t in llm.tokenizer.encode(text, add_special_tokens=False))
+
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "days": 3}}\n</tool_call>'
+    assert accepts("Plain text, with a <tool_ tag that is none and {json}.")
+    assert accepts(f"Sure. {call}") and accepts(f"Sure. {call}\n{call}")
+    assert not accepts(f"Sure. {call}\n{call}\n<tool_call>")  # two calls at most
+    assert not accepts(f"{call} and then more text")
+    assert not accepts('Sure. <tool_call>\n{"name": "get_forecast"')
+    assert not accepts('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"')
 
 
 # end to end, with the openai client

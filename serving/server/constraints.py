@@ -17,11 +17,14 @@ _ANY_OBJECT = '{"type":"object"}'
 
 
 def request_constraint(
-    request: SamplingRequest, limits: LimitsConfig, tool_calls: OutputConstraint | None = None
+    request: SamplingRequest, limits: LimitsConfig, tool_calls: OutputConstraint | None = None, calls_forced: bool = False
 ) -> tuple[OutputConstraint | None, str | None]:
-    """The request's constraint and the field that carried it (which errors about it name); `tool_calls` is the
-    grammar of the calls tool_choice forces, which counts as a constraint the tools field carries."""
-    found = _constraints(request) + ([] if tool_calls is None else [("tools", tool_calls)])
+    """The request's constraint and the field that carried it (which errors about it name). `tool_calls` is the
+    grammar of the request's tool calls, a constraint the tools field carries: when tool_choice forces calls it
+    counts as one more, otherwise it applies only if the request has no other."""
+    found = _constraints(request)
+    if tool_calls is not None and (calls_forced or not found):
+        found.append(("tools", tool_calls))
     if len(found) > 1:
         raise bad_request(f"give at most one output constraint, not {' and '.join(field for field, _ in found)}", found[1][0])
     if not found:

@@ -128,7 +128,7 @@ class OpenAIServing:
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         tools = plan_tools(request, info.tool_parser, self.limits)
-        constraint, constraint_field = request_constraint(request, self.limits, tools.constraint)
+        constraint, constraint_field = request_constraint(request, self.limits, tools.constraint, tools.forced)
         names = {"prompt": "messages", "logprobs": "top_logprobs"} | _max_tokens_name(request) | _constraint_name(constraint_field)
         with _engine_errors(names):
             limit_messages(len(request.messages), self.limits)

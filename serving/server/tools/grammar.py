@@ -1,4 +1,5 @@
-"""Lark grammars (llguidance's syntax) that force tool calls in a parser's syntax, arguments valid against their schemas."""
+"""Lark grammars (llguidance's syntax) of tool calls in a parser's syntax, arguments valid against their schemas:
+calls only (tool_choice required or a named function), or free text that, once a call opens, must go on as calls (auto)."""
 
 from __future__ import annotations
 
@@ -27,12 +28,42 @@ def parameters_schema(function: FunctionDefinition) -> dict[str, Any]:
 
 def forced_calls_grammar(parser: str, functions: list[FunctionDefinition], max_calls: int) -> str:
     """A grammar whose sentences are 1 to `max_calls` calls, each of one of `functions`, in `parser`'s syntax."""
-    opening, closing, key, separator = _SYNTAX[parser]
-    rules = [f"start: call ({_literal(separator)} call){{0,{max_calls - 1}}}" if max_calls > 1 else "start: call"]
-    names = [f"fn_{i}" for i in range(len(functions))]
-    rules.append(f"call: {_literal(opening)} ({' | '.join(names)}) {_literal(closing)}" if opening else f"call: {' | '.join(names)}")
-    rules += [f"{rule}: %json {json.dumps(_call_schema(f, key), ensure_ascii=False)}" for rule, f in zip(names, functions)]
-    return "\n".join(rules)
+    return "\n".join([f"start: call {_more_calls(parser, max_calls)}".rstrip(), *_call_rules(parser, functions)])
+
+
+def text_or_calls_grammar(parser: str, functions: list[FunctionDefinition], max_calls: int) -> str | None:
+    """A grammar whose sentences are any text, or text up to a call's opening tag and then 1 to `max_calls` calls
+    (nothing after them). None for a syntax whose calls have no opening tag in text (Llama's JSON)."""
+    opening, closing, _, _ = _SYNTAX[parser]
+    if not opening:
+        return None
+    first_call = f"({' | '.join(_names(functions))}) {_literal(closing)}"
+    opening_pattern = opening.replace("\n", r"\n")  # the tags hold no other character special in a regex
+    return "\n".join(
+        [
+            f"start: TEXT | text_then_opening {first_call} {_more_calls(parser, max_calls)}".rstrip(),
+            "TEXT: /(?s:.*)/",
+            # lazy: ends at the first opening tag, where the calls begin
+            f"text_then_opening[lazy]: /(?s:.*){opening_pattern}/",
+            *_call_rules(parser, functions),
+        ]
+    )
+
+
+def _more_calls(parser: str, max_calls: int) -> str:
+    separator = _SYNTAX[parser][3]
+    return f"({_literal(separator)} call){{0,{max_calls - 1}}}" if max_calls > 1 else ""
+
+
+def _call_rules(parser: str, functions: list[FunctionDefinition]) -> list[str]:
+    opening, closing, key, _ = _SYNTAX[parser]
+    names = _names(functions)
+    call = f"call: {_literal(opening)} ({' | '.join(names)}) {_literal(closing)}" if opening else f"call: {' | '.join(names)}"
+    return [call] + [f"{rule}: %json {json.dumps(_call_schema(f, key), ensure_ascii=False)}" for rule, f in zip(names, functions)]
+
+
+def _names(functions: list[FunctionDefinition]) -> list[str]:
+    return [f"fn_{i}" for i in range(len(functions))]
 
 
 def _call_schema(function: FunctionDefinition, key: str) -> dict[str, Any]:

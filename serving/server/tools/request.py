@@ -13,7 +13,7 @@ from serving.config import LimitsConfig
 from serving.engine.sampling_params import OutputConstraint
 from serving.server.http_errors import bad_request
 from serving.server.openai_protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
-from serving.server.tools.grammar import forced_calls_grammar, parameters_schema
+from serving.server.tools.grammar import forced_calls_grammar, parameters_schema, text_or_calls_grammar
 from serving.server.tools.parsers import PARSERS
 from serving.server.tools.stream import ToolCalling
 
@@ -25,7 +25,8 @@ _TEMPLATES = {"smollm2": "smollm2_tools.jinja"}
 class ToolPlan:
     calling: ToolCalling | None  # reads calls out of the output; None: the output is all content
     tools: list[dict[str, Any]] | None  # offered to the chat template
-    constraint: OutputConstraint | None  # with "required" or a named function: the calls' grammar
+    constraint: OutputConstraint | None  # the grammar of the calls (with "auto": of text, or text and then calls)
+    forced: bool  # tool_choice demands calls; with "auto" another output constraint of the request wins over the calls'
     skip_special_tokens: bool | None  # set when the parser needs to see a special token (Llama's <|python_tag|>)
 
 
@@ -35,14 +36,14 @@ def plan_tools(request: ChatCompletionRequest, parser: str, limits: LimitsConfig
     if not request.tools:
         if choice not in (None, "none", "auto"):
             raise bad_request("tool_choice needs tools", "tool_choice")
-        return ToolPlan(None, None, None, None)
+        return ToolPlan(None, None, None, False, None)
     names = [tool.function.name for tool in request.tools]
     if len(set(names)) < len(names):
         raise bad_request("tools must have different names", "tools")
     for tool in request.tools:
         _check_schema(tool.function.name, parameters_schema(tool.function))
     if choice == "none":
-        return ToolPlan(None, None, None, None)
+        return ToolPlan(None, None, None, False, None)
     if parser == "none":
         raise bad_request("this server has no tool parser for its model (set model.tool_parser); send tool_choice 'none'", "tools")
     functions = [tool.function for tool in request.tools]
@@ -52,10 +53,12 @@ def plan_tools(request: ChatCompletionRequest, parser: str, limits: LimitsConfig
             raise bad_request(f"tool_choice names '{choice.function.name}', which is not among the tools", "tool_choice")
     parallel = request.parallel_tool_calls is not False
     max_calls = limits.max_tool_calls if parallel else 1
-    constraint = None if choice in (None, "auto") else OutputConstraint("grammar", forced_calls_grammar(parser, functions, max_calls))
+    forced = choice not in (None, "auto")
+    grammar = forced_calls_grammar(parser, functions, max_calls) if forced else text_or_calls_grammar(parser, functions, max_calls)
+    constraint = None if grammar is None else OutputConstraint("grammar", grammar)
     offered = [tool.model_dump(exclude_none=True) for tool in request.tools]
     keep_special = False if parser == "llama3_json" and request.skip_special_tokens is None else None
-    return ToolPlan(ToolCalling(PARSERS[parser](), parallel), offered, constraint, keep_special)
+    return ToolPlan(ToolCalling(PARSERS[parser](), parallel), offered, constraint, forced, keep_special)
 
 
 def _check_schema(name: str, schema: dict[str, Any]) -> None:
