@@ -24,6 +24,9 @@ served throughput over the mean of those two (seconds apart rather than minutes)
 request path alone, and offline on the idle cluster over offline with no Ray is the cost of Ray's
 background.
 
+Each served throughput run also records the CPU time the LLM replica, the API replica and HAProxy
+used over it (`/proc`, all threads), per generated token.
+
 Greedy decoding with ignore_eos, so every request makes exactly --output-len tokens. Prints the
 ratios and writes a JSON file (--out).
 """
@@ -38,11 +41,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import psutil
 import ray
 from ray import serve
 from tqdm import tqdm
 
 from benchmarks.engine_bench import PROMPTS
+from benchmarks.soak import actor_pids
 from cluster.local import free_port, init_private_session
 from serving.config import LLMConfig
 from serving.engine.async_engine import AsyncLLMEngine
@@ -129,6 +134,31 @@ async def served_throughput(session: aiohttp.ClientSession, url: str, model: str
     return sum(counts) / elapsed
 
 
+def process_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of the served processes: the LLM replica, the API replica, HAProxy (all threads)."""
+    pids = {"llm": actor_pids("LLMDeployment"), "api": actor_pids("APIIngress"), "haproxy": haproxy_pids()}
+    return {name: sum(_cpu_s(pid) for pid in group) for name, group in pids.items()}
+
+
+def haproxy_pids() -> list[int]:
+    pids = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.name() == "haproxy":
+                pids.append(process.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return times.user + times.system
+
+
 async def measure_direct(engine: AsyncLLMEngine, args: argparse.Namespace) -> dict[str, float]:
     await direct_ttft(engine, prompts(4))  # warm-up
     ttft = statistics.median(await direct_ttft(engine, prompts(args.requests)))
@@ -148,9 +178,11 @@ async def measure_served(engine: AsyncLLMEngine, url: str, args: argparse.Namesp
         ttft = statistics.median(await served_ttft(session, url, model, prompts(args.requests)))
         await served_throughput(session, url, model, prompts(4), 4, stream=True)  # warm-up
         order = (True, False) if stream_first else (False, True)
-        throughput, offline = {}, [offline_throughput(engine, texts, args.output_len)]
+        throughput, offline, cpu = {}, [offline_throughput(engine, texts, args.output_len)], {}
         for stream in order:
+            before = process_cpu_s()
             throughput[stream] = await served_throughput(session, url, model, texts, args.output_len, stream=stream)
+            cpu[stream] = {name: (s - before[name]) / (len(texts) * args.output_len) * 1e6 for name, s in process_cpu_s().items()}
             offline.append(offline_throughput(engine, texts, args.output_len))
     # each served run's neighbours: the offline runs just before and just after it
     next_to = {stream: statistics.mean(offline[i : i + 2]) for i, stream in enumerate(order)}
@@ -161,7 +193,7 @@ async def measure_served(engine: AsyncLLMEngine, url: str, args: argparse.Namesp
         "offline_next_to_stream_tok_s": next_to[True],
         "offline_next_to_tok_s": next_to[False],
         "offline_ray_idle_tok_s": statistics.mean(offline),
-    }
+    } | {f"cpu_us_per_token_{name}_stream": us for name, us in cpu[True].items()} | {f"cpu_us_per_token_{name}": us for name, us in cpu[False].items()}
 
 
 def measure_round(engine: AsyncLLMEngine, config: LLMConfig, args: argparse.Namespace, stream_first: bool) -> dict[str, dict[str, float]]:
@@ -234,7 +266,12 @@ def main() -> None:
         f"(medians of {args.rounds} rounds' ratios)\n"
         f"Of which the request path alone (against offline on the idle cluster, run next to it): {result['request_path_ratio']:.0%}, "
         f"streamed {result['request_path_ratio_streaming']:.0%}; Ray's background (offline on the idle cluster against no Ray): "
-        f"{result['ray_idle_ratio']:.0%}"
+        f"{result['ray_idle_ratio']:.0%}\n"
+        f"CPU per generated token, streamed (not streamed): "
+        + ", ".join(
+            f"{name} {_median(served, f'cpu_us_per_token_{name}_stream'):.0f} ({_median(served, f'cpu_us_per_token_{name}'):.0f}) us"
+            for name in ("llm", "api", "haproxy")
+        )
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

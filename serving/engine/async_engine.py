@@ -1,16 +1,16 @@
 """An asyncio front for the engine: requests stream their outputs while the engine's thread runs the steps.
 
 The engine's thread runs steps back to back while there is work and hands each step's outputs to
-the event loop, so sending one step's tokens to the clients overlaps the next step instead of
-delaying it (on two cores the fan-out of 32 streams cost a third of the throughput when it ran in
-between). A lock orders steps, new requests and aborts, so an abort frees the request's KV blocks
-before the next step starts.
+the event loop, so passing one step's tokens on overlaps the next step instead of delaying it. There
+each output goes to its request's sink, and once all have, the `on_step` callbacks run: a caller can
+send a whole step's outputs as one message. A lock orders steps, new requests and aborts, so an
+abort frees the request's KV blocks before the next step starts, and after each of them the engine's
+state is published as one snapshot for other threads to read.
 
 One thread, the same for the engine's whole life, builds the model and runs every step: each OS
 thread that runs torch's parallel ops gets its own OpenMP team, and once libgomp manages more
 threads than there are cores it stops spinning between parallel regions and puts its workers to
-sleep instead. With the model built in one thread and stepped in another, the steps made ~10,000
-futex sleeps per 100 steps and ran 10-30% slower on two cores.
+sleep (benchmarks/README.md, "One engine thread").
 """
 from __future__ import annotations
 
