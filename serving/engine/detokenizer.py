@@ -23,7 +23,6 @@ class IncrementalDetokenizer:
         self._ids = _prompt_context(tokenizer, prompt_ids, skip_special_tokens)
         self._read = len(self._ids)  # self._ids[:self._read] have been emitted
         self._read_text = self._decode(self._ids)
-        self.text = ""
 
     def add(self, token_id: int) -> str:
         """Append one generated token; return the text it adds, or '' while a character is incomplete."""
@@ -43,7 +42,6 @@ class IncrementalDetokenizer:
         del self._ids[: self._read]
         self._read = len(self._ids)
         self._read_text = self._decode(self._ids)
-        self.text += delta
         return delta
 
     def _decode(self, ids: list[int]) -> str:
