@@ -278,7 +278,6 @@ def test_openai_fields_without_meaning_here_are_accepted(client):
         store=False,
         metadata={"run": "test"},
         service_tier="auto",
-        parallel_tool_calls=False,
         user="someone",
     )
     assert response.usage.completion_tokens <= 2
