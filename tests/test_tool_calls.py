@@ -21,7 +21,7 @@ from serving.server.http_errors import APIError
 from serving.server.openai_protocol import ChatCompletionRequest, ChatMessage, FunctionDefinition
 from serving.server.tools.grammar import forced_calls_grammar, text_or_calls_grammar
 from serving.server.tools.parsers import HermesParser, Llama3JsonParser, ParsedCall, ToolParser, resolve_parser
-from serving.server.tools.request import conversation, plan_tools, tool_template
+from serving.server.tools.request import conversation, plan_tools, request_template, tool_template
 from serving.server.tools.stream import ToolCalling
 from serving.tokenizer import Tokenizer
 
@@ -194,6 +194,20 @@ def test_tool_choice_decides_what_is_offered_and_enforced():
     assert f"{{0,{limits.max_tool_calls - 1}}}" in required.constraint.spec and '"parameters"' in required.constraint.spec
     assert required.skip_special_tokens is False  # <|python_tag|> stays in the text for the parser
     assert plan_tools(chat(tools=None), "smollm2", limits).calling is None
+
+
+def test_the_shipped_template_renders_only_requests_that_involve_tools():
+    """A ChatML model whose template auto maps to the smollm2 parser keeps its own prompt for plain chat."""
+    plain = [ChatMessage.model_validate(m) for m in ASK]
+    assert request_template("smollm2", None, plain) is None
+    assert request_template("smollm2", TOOLS, plain) == tool_template("smollm2")
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    history = plain + [
+        ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [call]}),
+        ChatMessage.model_validate({"role": "tool", "tool_call_id": "call_1", "content": "12:00"}),
+    ]
+    assert request_template("smollm2", None, history) == tool_template("smollm2")
+    assert request_template("hermes", TOOLS, plain) is None  # the model's own template renders tools
 
 
 def test_another_constraint_wins_over_autos_grammar_and_conflicts_with_forced_calls():

@@ -38,7 +38,7 @@ from serving.server.openai_protocol import (
 )
 from serving.server.rate_limit import RateLimiter
 from serving.server.streams import close_all, gather_or_cancel, merge
-from serving.server.tools.request import conversation, plan_tools, tool_template
+from serving.server.tools.request import conversation, plan_tools, request_template
 from serving.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class OpenAIServing:
                 constraint=constraint,
                 **({} if tools.skip_special_tokens is None else {"skip_special_tokens": tools.skip_special_tokens}),
             )
-            turns, template = conversation(request.messages), tool_template(info.tool_parser)
+            turns, template = conversation(request.messages), request_template(info.tool_parser, tools.tools, request.messages)
             prompt = Prompt(chat_prompt_ids(info.tokenizer, turns, tools=tools.tools, chat_template=template), None)
             limit_prompt(prompt.token_ids, self.limits)
         fmt = ChatFormat(info.tokenizer, request.prompt_logprobs, tools.calling)
@@ -154,7 +154,7 @@ class OpenAIServing:
         else:
             with _engine_errors({"prompt": "messages"}):
                 limit_messages(len(request.messages), self.limits)
-                turns, template = conversation(request.messages), tool_template(info.tool_parser)
+                turns, template = conversation(request.messages), request_template(info.tool_parser, None, request.messages)
                 ids = chat_prompt_ids(
                     info.tokenizer, turns, request.add_generation_prompt, request.add_special_tokens, chat_template=template
                 )

@@ -75,6 +75,14 @@ def tool_template(parser: str) -> str | None:
     return None if name is None else files("serving.server.tools").joinpath("templates", name).read_text(encoding="utf-8")
 
 
+def request_template(parser: str, offered: list[dict[str, Any]] | None, messages: list[ChatMessage]) -> str | None:
+    """The template to render a request with: the one shipped for `parser` when the request involves tools (offered,
+    or calls and results in the conversation), else None (the model's own, so that a model whose template the
+    shipped one replaces keeps its own prompt for plain chat)."""
+    involves_tools = offered is not None or any(m.role == "tool" or m.tool_calls for m in messages)
+    return tool_template(parser) if involves_tools else None
+
+
 def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as chat templates read them: developer as system, tool calls' arguments as objects."""
     turns = []
