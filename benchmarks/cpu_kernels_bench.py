@@ -9,6 +9,7 @@ weight copies (>= 256 MB) that the weights come from memory, as in a real decode
 cache. The variants alternate, and each keeps its best of `--rounds` rounds, so a slow minute on
 this shared machine hits all of them alike. Ratios are the baseline's time over ours.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,9 @@ def variants(name: str, weights: list[torch.Tensor], x: torch.Tensor) -> dict[st
         if name == "gate_up":  # the engine's old gate: two calls with fused swish and mul
             halves = [[torch.ops.mkldnn._reorder_linear_weight(h.contiguous()) for h in w.chunk(2)] for w in weights]
             calls["onednn"] = lambda: [
-                torch.ops.mkldnn._linear_pointwise.binary(x, torch.ops.mkldnn._linear_pointwise(x, g, None, "swish", [], ""), u, None, "mul")
+                torch.ops.mkldnn._linear_pointwise.binary(
+                    x, torch.ops.mkldnn._linear_pointwise(x, g, None, "swish", [], ""), u, None, "mul"
+                )
                 for g, u in halves
             ]
     return calls
@@ -91,7 +94,9 @@ def main() -> None:
             tqdm.write(json.dumps(row))
     print(f"\n{'projection':>10} {'rows':>5} {'ours us':>9} " + " ".join(f"{v + ' us':>10} {'ratio':>6}" for v in ("torch", "onednn")))
     for row in rows_out:
-        cells = " ".join(f"{row.get(v + '_us', float('nan')):>10} {row.get(v + '_over_ours', float('nan')):>5}x" for v in ("torch", "onednn"))
+        cells = " ".join(
+            f"{row.get(v + '_us', float('nan')):>10} {row.get(v + '_over_ours', float('nan')):>5}x" for v in ("torch", "onednn")
+        )
         print(f"{row['projection']:>10} {row['rows']:>5} {row['ours_us']:>9} {cells}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows_out}, indent=2))

@@ -9,6 +9,7 @@ runs --repeats engine/transformers pairs back to back and reports the median of 
 this machine's memory bandwidth swings between about 13 and 26 GB/s from minute to minute, so a
 single pair can be off by a third. Results go to the terminal and to a JSON file (--out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,7 +97,11 @@ def throughput(args: argparse.Namespace) -> dict:
         theirs = None if hf is None else batch * args.output_len / time_transformers(hf, prompts, args.output_len, pad_id=0)
         samples[batch].append((ours, theirs))
     for batch, pairs in samples.items():
-        row = {"batch": batch, "engine_tok_s": round(statistics.median(o for o, _ in pairs), 1), "engine_runs": [round(o, 1) for o, _ in pairs]}
+        row = {
+            "batch": batch,
+            "engine_tok_s": round(statistics.median(o for o, _ in pairs), 1),
+            "engine_runs": [round(o, 1) for o, _ in pairs],
+        }
         if hf is not None:
             ratios = [o / t for o, t in pairs]
             row |= {
@@ -114,7 +119,14 @@ def prefix_caching(args: argparse.Namespace) -> dict:
     """32 requests with one shared 512-token prefix, prefix caching on vs off."""
     results = {}
     for enabled in (True, False):
-        llm = LLM(args.model, enable_prefix_caching=enabled, max_num_seqs=32, max_model_len=args.max_model_len, dtype=args.dtype, device=args.device)
+        llm = LLM(
+            args.model,
+            enable_prefix_caching=enabled,
+            max_num_seqs=32,
+            max_model_len=args.max_model_len,
+            dtype=args.dtype,
+            device=args.device,
+        )
         vocab = llm.engine.vocab_size
         shared = torch.randint(100, vocab - 100, (512,), generator=torch.Generator().manual_seed(0)).tolist()
         prompts = [shared + llm.tokenizer.encode(f" Question {i}: what comes next?", add_special_tokens=False) for i in range(32)]

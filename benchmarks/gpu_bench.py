@@ -7,6 +7,7 @@ transformers' `generate` at each batch size, frees it, then times the engine (CU
 decode) on the same prompts, 128 greedy tokens each with ignore_eos. Also reports the batch-1
 bound set by memory bandwidth (weight bytes per step / measured device copy speed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,13 @@ LLAMA3_8B = {
     "vocab_size": 128256,
     "rms_norm_eps": 1e-5,
     "rope_theta": 500000.0,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
     "max_position_embeddings": 8192,
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
@@ -58,15 +65,34 @@ def write_random_model(folder: Path, config: dict) -> int:
         return (torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02).cpu()
 
     weight_map, total = {}, 0
-    shards = [("embed", {"model.embed_tokens.weight": rand(config["vocab_size"], h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rand(config["vocab_size"], h)})]
+    shards = [
+        (
+            "embed",
+            {
+                "model.embed_tokens.weight": rand(config["vocab_size"], h),
+                "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+                "lm_head.weight": rand(config["vocab_size"], h),
+            },
+        )
+    ]
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}."
-        shards.append((f"layer{layer}", {
-            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
-            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
-            p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h), p + "mlp.down_proj.weight": rand(h, i),
-            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16), p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-        }))
+        shards.append(
+            (
+                f"layer{layer}",
+                {
+                    p + "self_attn.q_proj.weight": rand(h, h),
+                    p + "self_attn.k_proj.weight": rand(kv, h),
+                    p + "self_attn.v_proj.weight": rand(kv, h),
+                    p + "self_attn.o_proj.weight": rand(h, h),
+                    p + "mlp.gate_proj.weight": rand(i, h),
+                    p + "mlp.up_proj.weight": rand(i, h),
+                    p + "mlp.down_proj.weight": rand(h, i),
+                    p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                    p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                },
+            )
+        )
     for name, tensors in tqdm(shards, desc="Writing random weights"):
         filename = f"model-{name}.safetensors"
         save_file(tensors, folder / filename)
@@ -124,7 +150,9 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     started = time.perf_counter()
-    llm = LLM(str(args.folder), dtype="bfloat16", device="cuda", max_model_len=512, max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=8)
+    llm = LLM(
+        str(args.folder), dtype="bfloat16", device="cuda", max_model_len=512, max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=8
+    )
     result["engine_start_s"] = round(time.perf_counter() - started, 1)
     time_engine(llm, prompts[:2], 4)
     for batch in tqdm(args.batch_sizes, desc="engine"):

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
+from serving.config import LLMConfig
+from serving.engine.async_engine import AsyncLLMEngine
 from serving.loadtest.bench import RunSpec, run_points
 from serving.loadtest.engine_target import EngineTarget
 from serving.loadtest.load import LoadPoint
 from serving.loadtest.plots import plot_result
 from serving.loadtest.report import result_document, summary_table, write_result
 from serving.loadtest.workloads import token_id_requests
-from serving.config import LLMConfig
-from serving.engine.async_engine import AsyncLLMEngine
 from serving.models.tiny import make_tiny_llama
 
 PROMPT_VOCAB = range(3, 380)  # ids the random model's (tiny) tokenizer can decode

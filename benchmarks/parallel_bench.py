@@ -7,6 +7,7 @@
 2. PP=2 throughput with one step per stage in flight vs one step at a time, same run.
 3. The cost of the TP all-reduce on gloo: one call, and two per layer for a whole step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,7 +68,11 @@ def pipeline(output_len: int, requests: int) -> dict:
         results[depth] = requests * output_len / (time.perf_counter() - start)
     executor = llm.engine.runner
     executor.shutdown()
-    return {"pp2_tok_s_one_at_a_time": round(results[1], 1), "pp2_tok_s_in_flight": round(results[2], 1), "ratio": round(results[2] / results[1], 2)}
+    return {
+        "pp2_tok_s_one_at_a_time": round(results[1], 1),
+        "pp2_tok_s_in_flight": round(results[2], 1),
+        "ratio": round(results[2] / results[1], 2),
+    }
 
 
 def all_reduce(folder: Path) -> dict:

@@ -16,6 +16,7 @@ Quality: perplexity of each format on the held-in text (3,266 tokens) from the e
 logprobs, and greedy agreement with float32 over the first 32 tokens of 16 prompts (how many
 prompts give the same 32 tokens, and the mean number of tokens before the first difference).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,9 @@ def speed(args: argparse.Namespace) -> dict:
     for r in range(args.rounds):
         for batch in args.batch_sizes:
             prompts = make_prompts(tokenizer, batch)
-            figures = {q: len(prompts) * args.output_len / engine_bench.time_engine(llm, prompts, args.output_len) for q, llm in ours.items()}
+            figures = {
+                q: len(prompts) * args.output_len / engine_bench.time_engine(llm, prompts, args.output_len) for q, llm in ours.items()
+            }
             rounds[batch].append(figures)
             print(f"round {r + 1} batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), flush=True)
     result = {"memory_bytes": memory, "memory_vs_float32": {q: b / memory["none"] for q, b in memory.items()}, "batches": {}}

@@ -12,6 +12,7 @@
 
 Prints microseconds per generated token for each part and writes JSON (--out). Timers cost ~0.2 us each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,7 +96,9 @@ def serving_breakdown(steps: list[list[RequestOutput]], fmt: CompletionFormat) -
     unpacker = msgpack.Unpacker(strict_map_key=False)
     for outputs in steps:
         # LLM replica: each request's delta as a wire entry, then one message for the step
-        entries = timed("replica: deltas", seconds, lambda: [to_wire(o.request_id, o.finished, trackers[o.request_id].delta(o)) for o in outputs])
+        entries = timed(
+            "replica: deltas", seconds, lambda: [to_wire(o.request_id, o.finished, trackers[o.request_id].delta(o)) for o in outputs]
+        )
         message = timed("replica: msgpack one message", seconds, lambda: msgpack.packb(entries))
         # API replica: unpack, hand each request its delta, then each stream's chunk as an SSE line
         unpacker.feed(message)
@@ -107,7 +110,9 @@ def serving_breakdown(steps: list[list[RequestOutput]], fmt: CompletionFormat) -
                 mailboxes[request_id].push(finished, delta)
 
         timed("api: deltas to mailboxes", seconds, demux)
-        prefix = 'data: {"id": "cmpl-0123456789abcdef0123456789abcdef", "object": "text_completion", "created": 1, "model": "m", "choices": '
+        prefix = (
+            'data: {"id": "cmpl-0123456789abcdef0123456789abcdef", "object": "text_completion", "created": 1, "model": "m", "choices": '
+        )
 
         def encode() -> list[str]:
             lines = []

@@ -30,6 +30,7 @@ used over it (`/proc`, all threads), per generated token.
 Greedy decoding with ignore_eos, so every request makes exactly --output-len tokens. Prints the
 ratios and writes a JSON file (--out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -186,14 +187,18 @@ async def measure_served(engine: AsyncLLMEngine, url: str, args: argparse.Namesp
             offline.append(offline_throughput(engine, texts, args.output_len))
     # each served run's neighbours: the offline runs just before and just after it
     next_to = {stream: statistics.mean(offline[i : i + 2]) for i, stream in enumerate(order)}
-    return {
-        "ttft_ms": ttft * 1000,
-        "throughput_stream_tok_s": throughput[True],
-        "throughput_tok_s": throughput[False],
-        "offline_next_to_stream_tok_s": next_to[True],
-        "offline_next_to_tok_s": next_to[False],
-        "offline_ray_idle_tok_s": statistics.mean(offline),
-    } | {f"cpu_us_per_token_{name}_stream": us for name, us in cpu[True].items()} | {f"cpu_us_per_token_{name}": us for name, us in cpu[False].items()}
+    return (
+        {
+            "ttft_ms": ttft * 1000,
+            "throughput_stream_tok_s": throughput[True],
+            "throughput_tok_s": throughput[False],
+            "offline_next_to_stream_tok_s": next_to[True],
+            "offline_next_to_tok_s": next_to[False],
+            "offline_ray_idle_tok_s": statistics.mean(offline),
+        }
+        | {f"cpu_us_per_token_{name}_stream": us for name, us in cpu[True].items()}
+        | {f"cpu_us_per_token_{name}": us for name, us in cpu[False].items()}
+    )
 
 
 def measure_round(engine: AsyncLLMEngine, config: LLMConfig, args: argparse.Namespace, stream_first: bool) -> dict[str, dict[str, float]]:
@@ -237,7 +242,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="sequential requests for the TTFT median")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5, help="direct/served rounds; the median of their differences and ratios is reported")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="direct/served rounds; the median of their differences and ratios is reported"
+    )
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--kv-cache-memory-gb", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_overhead.json"))

@@ -13,6 +13,7 @@ compiled before timing (the steady state of a server that has seen them); TTFT i
 TTFT: one request, alone, from add_request to its first token: with a schema never seen (compiled
 then), with the same schema again (cached), and with no constraint.
 """
+
 from __future__ import annotations
 
 import argparse

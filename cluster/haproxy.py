@@ -7,6 +7,7 @@ generates all of it (about 1 in 3 such clients, measured with Ray's own config; 
 Serve writes that config itself; what it lets a node choose is the binary (RAY_SERVE_HAPROXY_BINARY_PATH).
 So every node gets this command as its binary: Serve's HAProxy, run with `-dS` (no splice).
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ takes its Ray processes down with it. Everything Ray exposes binds to 127.0.0.1,
 uses Ray's token authentication: its token is the file Ray reads (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token),
 created here when there is none (`ray start` does not create one), or Ray's RAY_AUTH_TOKEN variable.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,12 @@ def serve_ingress_env() -> dict[str, str]:
     metrics on 9101 and stats page on 8404, both bound to every interface, and the fallback proxy on 8500 and
     9500). Its files need nothing: Ray keeps them in a folder per node. HAProxy runs without splicing
     (cluster/haproxy.py)."""
-    names = ["RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"]
+    names = [
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    ]
     return {name: str(port) for name, port in zip(names, free_ports(len(names)))} | haproxy_env()
 
 

@@ -7,6 +7,7 @@ after a bounded wait. On a cluster that adds nodes on demand (Ray's autoscaler) 
 up front and no stage is pinned to a node: each stage's group waits, up to the same bound, for
 whichever node fits it, one the autoscaler adds included.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,11 +32,7 @@ class NodeCapacity:
 
 
 def alive_nodes() -> list[NodeCapacity]:
-    return [
-        NodeCapacity(n["NodeID"], n["NodeManagerAddress"], dict(n["Resources"]))
-        for n in ray.nodes()
-        if n["Alive"]
-    ]
+    return [NodeCapacity(n["NodeID"], n["NodeManagerAddress"], dict(n["Resources"])) for n in ray.nodes() if n["Alive"]]
 
 
 def plan_stages(nodes: list[NodeCapacity], tp: int, pp: int, per_worker: dict[str, float]) -> list[NodeCapacity]:
@@ -91,9 +88,7 @@ def place_workers(tp: int, pp: int, per_worker: dict[str, float], timeout_s: flo
             f"the cluster did not {waited_for} for {tp * pp} workers needing {per_worker} each within {timeout_s:.0f} s"
         ) from None
     strategies = [
-        PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i)
-        for group in groups
-        for i in range(tp)
+        PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i) for group in groups for i in range(tp)
     ]
     node_ids = [ray.util.placement_group_table(group)["bundles_to_node_id"][0] for group in groups]
     return Placement(groups, strategies, [node_id for node_id in node_ids for _ in range(tp)])

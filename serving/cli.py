@@ -13,6 +13,7 @@
 
 Run `llmcluster COMMAND --help` for the flags of each command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, description: str, run: Any) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=summary, description=f"{summary}.\n\n{description}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            name, help=summary, description=f"{summary}.\n\n{description}", formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         sub.set_defaults(run=run, parser=sub)
         return sub
 
@@ -95,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, summary, description, run in (
         ("status", "Show the application, its replicas and their engines", "", _status),
-        ("shutdown", "Stop what `serve` started", "On the local cluster: stops the whole cluster. With --address: deletes the application only.", _shutdown),
+        (
+            "shutdown",
+            "Stop what `serve` started",
+            "On the local cluster: stops the whole cluster. With --address: deletes the application only.",
+            _shutdown,
+        ),
     ):
         sub = command(name, summary, description, run)
         sub.add_argument("--address", help="the Ray cluster (default: the local one `serve` started)")

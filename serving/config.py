@@ -2,6 +2,7 @@
 
 Every default lives here and nowhere else.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -26,9 +27,7 @@ class ModelConfig(_Strict):
         description="A Hugging Face-format folder, a Hub repo id, or 'default' for the embedded SmolLM2-135M-Instruct.",
     )
     served_name: str | None = Field(None, description="Name clients use in the API; defaults to the folder name.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto' is float32 on CPU and bfloat16 on CUDA."
-    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto' is float32 on CPU and bfloat16 on CUDA.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when available.")
     quantization: Literal["none", "int8", "int4", "gguf", "fp8"] = Field(
         "none",
@@ -36,9 +35,7 @@ class ModelConfig(_Strict):
         "at load time and run on the CPU kernels; 'gguf' serves a GGUF source (the default model's own Q4_1 file) in "
         "its own precision; 'fp8' needs a GPU with FP8 units and is not implemented yet.",
     )
-    max_model_len: int | None = Field(
-        None, gt=0, description="Longest prompt + output in tokens; defaults to the model's context length."
-    )
+    max_model_len: int | None = Field(None, gt=0, description="Longest prompt + output in tokens; defaults to the model's context length.")
     tool_parser: Literal["auto", "none", "hermes", "llama3_json", "smollm2"] = Field(
         "auto",
         description="How tool calls are read from the model's output: 'hermes' (<tool_call> blocks, Qwen2.5), 'llama3_json' "
@@ -51,8 +48,10 @@ class EngineConfig(_Strict):
 
     block_size: int = Field(16, gt=0, description="Tokens per KV cache block, a power of two.")
     kv_cache_memory_gb: float | None = Field(
-        None, gt=0, description="KV cache budget in GiB; default: 2 GiB on CPU, on CUDA 90% of the memory free after "
-        "loading the weights less 2 GiB for activations and CUDA graphs."
+        None,
+        gt=0,
+        description="KV cache budget in GiB; default: 2 GiB on CPU, on CUDA 90% of the memory free after "
+        "loading the weights less 2 GiB for activations and CUDA graphs.",
     )
     max_num_seqs: int = Field(64, gt=0, description="Most sequences in the running batch.")
     max_num_batched_tokens: int = Field(2048, gt=0, description="Token budget of one engine step.")
@@ -74,7 +73,9 @@ class ParallelConfig(_Strict):
     """How one replica's model is split over workers (Ray actors talking torch.distributed)."""
 
     tensor_parallel: int = Field(1, ge=1, description="Workers per pipeline stage, each holding a slice of every layer; kept on one node.")
-    pipeline_parallel: int = Field(1, ge=1, description="Pipeline stages, each a run of consecutive layers; spread over nodes when there are several.")
+    pipeline_parallel: int = Field(
+        1, ge=1, description="Pipeline stages, each a run of consecutive layers; spread over nodes when there are several."
+    )
     worker_cpus: float = Field(
         1.0,
         gt=0,
@@ -185,9 +186,7 @@ class ServerConfig(_Strict):
         description="GPUs each LLM replica reserves; default: 1 when it runs the model itself on CUDA (model.device cuda, "
         "tensor_parallel x pipeline_parallel 1), else 0 (parallel workers reserve their own).",
     )
-    max_ongoing_requests: int = Field(
-        128, gt=0, description="Requests one LLM replica holds at once (running plus waiting in its engine)."
-    )
+    max_ongoing_requests: int = Field(128, gt=0, description="Requests one LLM replica holds at once (running plus waiting in its engine).")
     max_queued_requests: int = Field(
         256, ge=0, description="Requests each API replica queues while all LLM replicas are full; beyond it 503."
     )
@@ -199,9 +198,7 @@ class ServerConfig(_Strict):
         10.0, gt=0, description="Seconds between Serve's health checks of an LLM replica; three failures in a row replace it."
     )
     health_check_timeout_s: float = Field(30.0, gt=0, description="Seconds a health check may take before it counts as failed.")
-    metrics_port: int = Field(
-        0, ge=0, le=65535, description="Port of each node's metrics endpoint for Prometheus; 0 picks a free one."
-    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="Port of each node's metrics endpoint for Prometheus; 0 picks a free one.")
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     autoscaling: AutoscalingConfig = AutoscalingConfig()
@@ -230,5 +227,7 @@ class LLMConfig(_Strict):
     @model_validator(mode="after")
     def _deepspeed_serves_float_weights(self) -> LLMConfig:
         if self.parallel.backend == "deepspeed" and self.model.quantization != "none":
-            raise ValueError(f"quantization {self.model.quantization!r} runs on the native backend only; the deepspeed backend serves float weights")
+            raise ValueError(
+                f"quantization {self.model.quantization!r} runs on the native backend only; the deepspeed backend serves float weights"
+            )
         return self

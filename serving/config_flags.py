@@ -4,6 +4,7 @@ Flags are named after their field (`max_num_seqs` -> `--max-num-seqs`), except `
 which is `--model`. A flag given on the command line overrides the YAML file of `--config`;
 everything left out keeps the config's default, which lives in serving/config.py only.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """The tokenizer of a Hugging Face-format model folder, read with `tokenizers` (not transformers) and jinja2."""
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,7 @@ class Tokenizer:
         self._post_processor_adds_bos = bos_id is not None and tokenizer.encode("").ids[:1] == [bos_id]
         self.eos_token_ids: frozenset[int] = frozenset(extra_eos_token_ids) | _present(self._token_id(eos_token))
         added_special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
-        self.all_special_ids: frozenset[int] = (
-            frozenset(added_special) | self.eos_token_ids | _present(bos_id, self._token_id(pad_token))
-        )
+        self.all_special_ids: frozenset[int] = frozenset(added_special) | self.eos_token_ids | _present(bos_id, self._token_id(pad_token))
 
     @classmethod
     def from_folder(cls, path: Path) -> Tokenizer:

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random Llama (fast) and the embedded default model (slow, converted once)."""
+
 from __future__ import annotations
 
 from pathlib import Path

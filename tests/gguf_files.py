@@ -1,4 +1,5 @@
 """Write a Hugging Face-format Llama folder as a GGUF file, as llama.cpp would, in chosen tensor types."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_GGUF_NAMES[module]}.{kind}"
 
 
-def write_gguf(hf_dir: Path, path: Path, tensor_type: Callable[[str], gguf.GGMLQuantizationType] = lambda _: gguf.GGMLQuantizationType.F32) -> Path:
+def write_gguf(
+    hf_dir: Path, path: Path, tensor_type: Callable[[str], gguf.GGMLQuantizationType] = lambda _: gguf.GGMLQuantizationType.F32
+) -> Path:
     """`hf_dir` as a GGUF file: permuted q/k rows, tokenizer in the metadata, each tensor (by GGUF
     name) in `tensor_type(name)` (norms always float32; types gguf cannot quantize get zero blocks)."""
     config = json.loads((hf_dir / "config.json").read_text())

@@ -4,6 +4,7 @@ private bridge, so a Ray cluster spread over them talks over real interfaces, no
 Needs root and iproute2; everything is torn down on exit, and names carry this process's id so
 parallel runs don't collide.
 """
+
 from __future__ import annotations
 
 import os

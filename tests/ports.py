@@ -1,5 +1,6 @@
 """Free TCP ports on 127.0.0.1 for the servers and Ray processes tests start (never a fixed port:
 other test runs and clusters may share the machine)."""
+
 from __future__ import annotations
 
 import socket

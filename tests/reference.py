@@ -1,4 +1,5 @@
 """Hugging Face transformers as the reference the engine is checked against."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +23,9 @@ def reference_logprobs(model, token_ids: list[int]) -> torch.Tensor:
 @torch.inference_mode()
 def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt_ids], device=model.device)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
+    out = model.generate(
+        ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids)
+    )
     return out[0, len(prompt_ids) :].tolist()
 
 

@@ -1,4 +1,5 @@
 """The Prometheus alert rules are valid (`promtool check rules`) and fire when they should (`promtool test rules`)."""
+
 from __future__ import annotations
 
 import shutil

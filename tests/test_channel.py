@@ -1,6 +1,7 @@
 """The channel LLM replicas send deltas on (serving/server/channel.py), both ends in one process on the real tiny
 engine, no Ray: one message per step for all requests, deltas that add up to the engine's outputs, a slow
 reader's deltas merged, aborts, refused strangers and broken connections."""
+
 from __future__ import annotations
 
 import asyncio
@@ -75,7 +76,12 @@ def test_all_requests_of_a_step_travel_as_one_message_and_add_up(engine):
     for deltas, reference in zip(got, direct):
         # the same tokens and text; logprobs within float noise (batched with others here, alone there)
         for ours, theirs in zip(merged(deltas).choices, merged(reference).choices):
-            assert (ours.index, ours.text, ours.token_ids, ours.finish_reason) == (theirs.index, theirs.text, theirs.token_ids, theirs.finish_reason)
+            assert (ours.index, ours.text, ours.token_ids, ours.finish_reason) == (
+                theirs.index,
+                theirs.text,
+                theirs.token_ids,
+                theirs.finish_reason,
+            )
             assert [lp for lp, _ in ours.logprobs] == pytest.approx([lp for lp, _ in theirs.logprobs], abs=1e-4)
             assert [list(top) for _, top in ours.logprobs] == [list(top) for _, top in theirs.logprobs]
         assert sum(c.finish_reason is not None for d in deltas for c in d.choices) == 2
@@ -108,7 +114,9 @@ def test_cancelling_a_send_aborts_its_request(engine):
         channel = DeltaChannel("127.0.0.1")
         address = await channel.start()
         channel.open("gone")
-        send = asyncio.ensure_future(Outboxes(engine).get(address).send("abandon me", SamplingParams(max_tokens=400, ignore_eos=True), "gone"))
+        send = asyncio.ensure_future(
+            Outboxes(engine).get(address).send("abandon me", SamplingParams(max_tokens=400, ignore_eos=True), "gone")
+        )
         mailbox = channel.mailboxes["gone"]
         await mailbox.wait(30)
         assert mailbox.take() is not None and engine.engine.num_running == 1

@@ -1,5 +1,6 @@
 """The `llmcluster` command: help, flags generated from the config, `generate` on the tiny model, and
 (slow) the whole local life cycle: serve, status, chat, shutdown."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The float32 CPU matrix kernels against float64 torch, their build, and their fallback."""
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 Checked on the default model against the native single-worker engine, and on an architecture the
 native engine does not implement (Qwen3, randomly initialised) against transformers itself.
 """
+
 from __future__ import annotations
 
 import shutil

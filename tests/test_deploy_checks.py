@@ -24,7 +24,6 @@ from serving.server.deploy_checks import check_cluster_resources, check_model_la
 from serving.server.deployments import deploy
 from tests.ports import free_port
 
-
 PORT = free_port()  # one for the module: Serve keeps the HTTP port it first started with
 
 
@@ -89,7 +88,9 @@ def two_cpus():
 
 
 def test_what_the_cluster_cannot_hold_is_refused_with_the_numbers(two_cpus, tiny_model):
-    with pytest.raises(InvalidLayoutError, match=r"no node can hold a tensor-parallel group of 4 workers needing \{'CPU': 1.0\}.*worker_cpus"):
+    with pytest.raises(
+        InvalidLayoutError, match=r"no node can hold a tensor-parallel group of 4 workers needing \{'CPU': 1.0\}.*worker_cpus"
+    ):
         check_cluster_resources(_config(tiny_model, tp=4))
     with pytest.raises(InvalidLayoutError, match="2 LLM replica\\(s\\) of 1 worker\\(s\\) each reserve 3 CPU; the whole cluster has 2 CPU"):
         check_cluster_resources(_config(tiny_model, min_replicas=2, max_replicas=2, replica_cpus=1.5))
@@ -118,7 +119,9 @@ def test_fractional_worker_cpus_put_four_workers_on_two_cores(two_cpus, tiny_mod
         body = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
         answer = requests.post(f"{url}/v1/completions", json=body, timeout=60)
         assert answer.status_code == 200, answer.text
-        [single] = LLM(config=_config(tiny_model)).generate(["Hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False)
+        [single] = LLM(config=_config(tiny_model)).generate(
+            ["Hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False
+        )
         assert answer.json()["choices"][0]["text"] == single.outputs[0].text
     finally:
         serve.delete(config.server.app_name)

@@ -1,4 +1,5 @@
 """Streaming detokenization checked against full decodes, on the tokenizers built in test_tokenizer.py."""
+
 from __future__ import annotations
 
 import random
@@ -117,9 +118,7 @@ def test_skip_special_tokens(byte_level: Tokenizer, skip: bool, expected: str) -
 
 
 @pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
-def test_each_step_decodes_a_short_window(
-    kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_each_step_decodes_a_short_window(kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     tokenizer: Tokenizer = request.getfixturevalue(kind)
     prompt = tokenizer.encode("Hi")
     ids = tokenizer.encode(random_text(random.Random(3)) * 100, add_special_tokens=False)

@@ -4,6 +4,7 @@ Logprobs are the log-softmax of the logits, so matching them position by positio
 positions through prompt_logprobs, generated positions through logprobs, chosen token and top-5)
 checks the logits up to the softmax normaliser, on both the prefill and the paged decode path.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -85,7 +86,15 @@ def test_unpacked_layers_match_transformers(tiny_model, monkeypatch):
         ("LlamaForCausalLM", {"tie_word_embeddings": False, "num_kv_heads": 1}),
         (
             "LlamaForCausalLM",
-            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
         ),
     ],
     ids=["mistral", "qwen2-bias", "untied-mqa", "llama3-rope"],

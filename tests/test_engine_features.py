@@ -1,4 +1,5 @@
 """Sampling, stopping, n > 1, preemption, abort, prefix caching and bad input on the tiny model."""
+
 from __future__ import annotations
 
 import asyncio
@@ -82,7 +83,9 @@ def test_stop_strings_tokens_and_lengths(llm):
     cut = generate_one(llm, "hello", max_tokens=20, temperature=0, ignore_eos=True, stop=[stop]).outputs[0]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
     assert cut.text == base.text[: base.text.find(stop)]
-    kept = generate_one(llm, "hello", max_tokens=20, temperature=0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True).outputs[0]
+    kept = generate_one(llm, "hello", max_tokens=20, temperature=0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True).outputs[
+        0
+    ]
     assert kept.text == base.text[: base.text.find(stop) + len(stop)]
     token = base.token_ids[3]
     by_token = generate_one(llm, "hello", max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[token]).outputs[0]
@@ -197,7 +200,9 @@ def test_unknown_architecture_and_missing_files(tmp_path, tiny_model):
 
 
 def test_async_engine_streams_and_aborts(tiny_model):
-    engine = AsyncLLMEngine(LLMConfig(model=ModelConfig(source=str(tiny_model)), engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.02)))
+    engine = AsyncLLMEngine(
+        LLMConfig(model=ModelConfig(source=str(tiny_model)), engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.02))
+    )
 
     async def scenario():
         params = SamplingParams(max_tokens=25, temperature=0, ignore_eos=True)
@@ -234,12 +239,17 @@ def test_prompts_arriving_together_compute_a_shared_prefix_once(tiny_model):
     together = llm.generate(prompts, params, use_tqdm=False)
     shared_blocks = len(llm.tokenizer.encode(shared)) // 4 - 1
     assert llm.engine.blocks.prefix_hits >= 3 * shared_blocks * 4  # three of four reused the first one's blocks
-    alone = [LLM(str(tiny_model), block_size=4, kv_cache_memory_gb=0.02, enable_prefix_caching=False).generate([p], params, use_tqdm=False)[0] for p in prompts[:1]]
+    alone = [
+        LLM(str(tiny_model), block_size=4, kv_cache_memory_gb=0.02, enable_prefix_caching=False).generate([p], params, use_tqdm=False)[0]
+        for p in prompts[:1]
+    ]
     assert together[0].outputs[0].token_ids == alone[0].outputs[0].token_ids
 
 
 def test_async_engine_rejects_bad_requests_and_keeps_serving(tiny_model):
-    engine = AsyncLLMEngine(LLMConfig(model=ModelConfig(source=str(tiny_model)), engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.02)))
+    engine = AsyncLLMEngine(
+        LLMConfig(model=ModelConfig(source=str(tiny_model)), engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.02))
+    )
 
     async def scenario():
         # long enough to be still running when the second arrives: the tiny model makes 40 tokens in under 50 ms
@@ -291,7 +301,9 @@ def test_async_steps_use_the_configured_threads_under_omp_num_threads_1(tiny_mod
     """Ray sets OMP_NUM_THREADS=1 in a replica that reserves no CPUs, and OpenMP counts threads per OS
     thread: the step thread must run with the engine's num_threads, not one (a served engine at half speed)."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", STEP_THREADS_SCRIPT, str(tiny_model)], env=env, capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", STEP_THREADS_SCRIPT, str(tiny_model)], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-1] == "[2]"
 
@@ -308,7 +320,9 @@ def test_async_engine_builds_and_steps_on_one_thread(tiny_model, monkeypatch):
         build(self, *args, **kwargs)
 
     monkeypatch.setattr(ModelRunner, "__init__", recording_build)
-    engine = AsyncLLMEngine(LLMConfig(model=ModelConfig(source=str(tiny_model)), engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.02)))
+    engine = AsyncLLMEngine(
+        LLMConfig(model=ModelConfig(source=str(tiny_model)), engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.02))
+    )
     stepped_on = set()
     step = engine.engine.step
 

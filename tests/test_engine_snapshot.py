@@ -1,5 +1,6 @@
 """AsyncLLMEngine's snapshot: what metrics, autoscaling and health read from other threads, published under the
 step lock after each step, added request and abort (real tiny engine, no Ray)."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """CUDA checks: float32 logprobs against transformers, bf16 CUDA graphs against eager. Skipped without a GPU."""
+
 from __future__ import annotations
 
 import pytest

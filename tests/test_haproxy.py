@@ -1,6 +1,7 @@
 """cluster/haproxy.py: Serve's HAProxy, started through `llmcluster-haproxy`, passes on every client that gives
 up on a non-streamed request. With Serve's `option splice-request` and splicing on, about a third of them
 left the backend connection open (measured: 10 and 9 of 30)."""
+
 from __future__ import annotations
 
 import asyncio

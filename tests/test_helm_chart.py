@@ -19,8 +19,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serving.config import LLMConfig, ServerConfig
-from serving.server.serve_env import SERVE_CONTROLLER_ENV
 from serving.server.replica_resources import replica_actor_options
+from serving.server.serve_env import SERVE_CONTROLLER_ENV
 from tests.chart import (
     CHART,
     EXAMPLES,

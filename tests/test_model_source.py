@@ -1,4 +1,5 @@
 """Model sources: tiny test models, GGUF conversion, resolve_model and the default SmolLM2 download."""
+
 from __future__ import annotations
 
 import json
@@ -86,6 +87,7 @@ def test_tiny_tokenizer_roundtrips_and_has_chatml(tmp_path: Path) -> None:
 
 
 # --- GGUF conversion, on a GGUF written from a tiny model --------------------------------------
+
 
 @pytest.mark.parametrize("tie_word_embeddings", [True, False])
 def test_gguf_conversion_restores_the_hf_model(tmp_path: Path, tie_word_embeddings: bool) -> None:

@@ -4,6 +4,7 @@ pipeline stages onto it; the stages must land on the two worker hosts and answer
 Token authentication is on, as on a real shared cluster, and the nodes are started as the README says
 (Serve's HAProxy through llmcluster-haproxy).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,15 @@ def test_pipeline_stages_on_separate_hosts_serve_through_the_cli(default_model, 
         time.sleep(5)
         for name in ("worker1", "worker2"):
             host = hosts[name]
-            host.start(*ray_start, f"--address={address}", f"--node-ip-address={host.ip}", "--num-cpus=2", f"--temp-dir={host.temp_dir}", env=env, log=str(tmp_path / f"{name}.log"))
+            host.start(
+                *ray_start,
+                f"--address={address}",
+                f"--node-ip-address={host.ip}",
+                "--num-cpus=2",
+                f"--temp-dir={host.temp_dir}",
+                env=env,
+                log=str(tmp_path / f"{name}.log"),
+            )
         _wait_for_nodes(head, env, 3)
 
         serve = head.run(
@@ -74,7 +83,12 @@ def test_pipeline_stages_on_separate_hosts_serve_through_the_cli(default_model, 
 
         answer = requests.post(
             f"http://{head.ip}:{API_PORT}/v1/chat/completions",
-            json={"model": default_model.name, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0},
+            json={
+                "model": default_model.name,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 16,
+                "temperature": 0,
+            },
             timeout=120,
         )
         assert answer.status_code == 200, answer.text
@@ -82,7 +96,13 @@ def test_pipeline_stages_on_separate_hosts_serve_through_the_cli(default_model, 
         haproxies = [p.info["cmdline"] for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy"]
         assert haproxies and all("-dS" in cmdline for cmdline in haproxies), haproxies  # started without splicing
 
-        placed = head.run(str(BIN / "python"), "-c", _WORKER_NODES.format(address=address, dashboard=f"http://{head.ip}:{DASHBOARD_PORT}"), env=env, timeout=120)
+        placed = head.run(
+            str(BIN / "python"),
+            "-c",
+            _WORKER_NODES.format(address=address, dashboard=f"http://{head.ip}:{DASHBOARD_PORT}"),
+            env=env,
+            timeout=120,
+        )
         assert placed.returncode == 0, placed.stderr[-2000:]
         worker_ips = json.loads(placed.stdout.strip().splitlines()[-1])
         assert worker_ips == sorted([hosts["worker1"].ip, hosts["worker2"].ip])  # one stage on each worker host

@@ -22,8 +22,8 @@ from cluster import local
 from cluster.placement import PlacementError, place_workers
 from serving.config import LLMConfig
 from serving.server.deployments import deploy
-from serving.server.serve_env import SERVE_CONTROLLER_ENV
 from serving.server.llm_replica import LLMDeployment
+from serving.server.serve_env import SERVE_CONTROLLER_ENV
 from tests.autoscaling_cluster import AutoscalingCluster, start
 
 pytestmark = pytest.mark.slow
@@ -127,5 +127,3 @@ def test_replicas_that_need_a_node_make_the_autoscaler_add_it_and_remove_it_afte
         print(f"replica removed {scaled_in:.1f} s after the load stopped, its node {node_removed:.1f} s later")
     finally:
         serve.shutdown()
-
-

@@ -3,6 +3,7 @@
 A missing package is simulated the way Python itself marks one: `sys.modules[name] = None` makes
 `import name` raise ModuleNotFoundError.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -7,6 +7,7 @@ dependency hidden in a function body counts like any other. Nodes are the packag
 serving.cli, ...), `cluster` and its subpackages; the seam module is a node of its own, because both
 the engine and the parallel backends depend on it and it depends on neither.
 """
+
 from __future__ import annotations
 
 import ast
@@ -133,7 +134,9 @@ def test_cluster_never_imports_serving():
 def test_parallel_knows_only_the_engines_runner_seam():
     edges = package_edges(ROOT)
     assert "serving.engine" not in edges["serving.parallel"], edges["serving.parallel"]["serving.engine"]
-    assert set(edges["serving.engine.runner"]) <= {"serving.config", "serving.errors", "serving.models"}, dict(edges["serving.engine.runner"])
+    assert set(edges["serving.engine.runner"]) <= {"serving.config", "serving.errors", "serving.models"}, dict(
+        edges["serving.engine.runner"]
+    )
 
 
 def test_models_know_nothing_of_parallel_or_the_engine():

@@ -1,5 +1,6 @@
 """Quantized models (int8, int4, GGUF in its own precision) against the float32 engine over the
 same dequantized weights, and the errors for formats that cannot be served."""
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,9 @@ from serving.models.gguf_convert import convert_gguf_to_hf
 from serving.models.quant import QuantizationError, quantize
 from serving.models.tiny import make_tiny_llama
 
-pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None, reason=f"CPU kernels cannot run here: {cpu_kernels.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.unavailable_reason() is not None, reason=f"CPU kernels cannot run here: {cpu_kernels.unavailable_reason()}"
+)
 
 PROMPTS = ["The capital of France is", "1, 2, 3,", "Tokyo 東京 🎌 and", "def f(x):", "Hello, world! How are you today? I am"]
 PARAMS = SamplingParams(max_tokens=8, temperature=0, logprobs=5, prompt_logprobs=5, ignore_eos=True)

@@ -1,5 +1,6 @@
 """The quantized CPU kernels (int8 and 4-bit weights) against the float kernels and float64 torch
 over the same dequantized weights, and the layouts they read."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,9 @@ from serving.models import cpu_kernels
 from serving.models.cpu_kernels import load_cpu_kernels, to_gate_up_panels, to_panels
 from serving.models.quant import QuantLinear, QuantRows, quantize
 
-pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None, reason=f"CPU kernels cannot run here: {cpu_kernels.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.unavailable_reason() is not None, reason=f"CPU kernels cannot run here: {cpu_kernels.unavailable_reason()}"
+)
 
 # rows cover the in-register tiles (1-4) and the expanded-panel path (5+); widths cover partial panels
 ROWS = [1, 2, 4, 5, 13]

@@ -3,6 +3,7 @@
 The cluster is real: a head and two worker nodes, each its own raylet with its own resources,
 started by the test. Outputs must equal the single-worker engine's.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -96,7 +97,9 @@ def test_pipeline_keeps_several_steps_in_flight(cluster, tiny_model):
             finished |= {o.request_id: o for o in engine.step() if o.finished}
             deepest = max(deepest, len(engine.launched_steps) + 1)
         assert deepest == 2 and len(finished) == 8
-        reference = LLM(config=_config(tiny_model, 1, 1)).generate([f"request {i}" for i in range(8)], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False)
+        reference = LLM(config=_config(tiny_model, 1, 1)).generate(
+            [f"request {i}" for i in range(8)], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False
+        )
         assert [finished[str(i)].outputs[0].token_ids for i in range(8)] == [o.outputs[0].token_ids for o in reference]
     finally:
         engine.runner.shutdown()

@@ -1,4 +1,5 @@
 """logit_bias, min_tokens, stop_token_ids and prompt logprob ranks in the engine, on the tiny model."""
+
 from __future__ import annotations
 
 import pytest

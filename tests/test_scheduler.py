@@ -3,8 +3,6 @@ waits and forks, over a real BlockManager with blocks of 4 tokens."""
 
 from __future__ import annotations
 
-import pytest
-
 from serving.config import EngineConfig
 from serving.engine.block_manager import BlockManager
 from serving.engine.scheduler import Scheduler

@@ -2,8 +2,10 @@
 
 One application serves the whole module (start-up is the slow part); traffic goes to 127.0.0.1 only.
 """
+
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
@@ -255,7 +257,7 @@ def test_prompt_logprobs_are_the_engines_own(server, client):
         assert chosen["logprob"] == pytest.approx(logprob)
         ranked = sorted(entry.values(), key=lambda e: e["rank"])
         assert [e["rank"] for e in ranked[:3]] == [1, 2, 3] and 3 <= len(entry) <= 4
-        assert all(a["logprob"] >= b["logprob"] for a, b in zip(ranked, ranked[1:]))
+        assert all(a["logprob"] >= b["logprob"] for a, b in itertools.pairwise(ranked))
         assert chosen["rank"] == 1 + sum(e["logprob"] > chosen["logprob"] for e in entry.values()) or chosen["rank"] > 3
     chat = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1, extra_body={"prompt_logprobs": 0}
@@ -325,7 +327,12 @@ def test_chat_parse_returns_the_pydantic_object(client):
 
 GRAMMAR = 'start: "(" num (op num)* ")"\nop: "+" | "*"\nnum: /[0-9]{1,3}/'
 PHONE = "[0-9]{3}-[0-9]{4}"
-ITEM = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["id"], "additionalProperties": False}
+ITEM = {
+    "type": "object",
+    "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["id"],
+    "additionalProperties": False,
+}
 CONSTRAINED = [
     ({"structured_outputs": {"regex": PHONE}}, lambda text: re.fullmatch(PHONE, text)),
     ({"guided_regex": PHONE}, lambda text: re.fullmatch(PHONE, text)),
@@ -383,21 +390,63 @@ BAD_REQUESTS = [
     ("top_logprobs=50", "chat/completions", CHAT | {"logprobs": True, "top_logprobs": 50}, 400, "top_logprobs", []),
     ("logprobs=50", "completions", COMPLETION | {"logprobs": 50}, 400, "logprobs", []),
     ("suffix", "completions", COMPLETION | {"suffix": "end"}, 400, "suffix", ["suffix"]),
-    ("json_schema without a schema", "chat/completions", CHAT | {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format", ["schema"]),
+    (
+        "json_schema without a schema",
+        "chat/completions",
+        CHAT | {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        400,
+        "response_format",
+        ["schema"],
+    ),
     ("unknown response_format", "chat/completions", CHAT | {"response_format": {"type": "xml"}}, 400, "response_format", []),
-    ("unsupported schema keyword", "chat/completions", CHAT | {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, 400, "response_format", ["uniqueItems"]),
-    ("regex that does not compile", "completions", COMPLETION | {"structured_outputs": {"regex": "a(b"}}, 400, "structured_outputs", ["regex"]),
+    (
+        "unsupported schema keyword",
+        "chat/completions",
+        CHAT | {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
+        400,
+        "response_format",
+        ["uniqueItems"],
+    ),
+    (
+        "regex that does not compile",
+        "completions",
+        COMPLETION | {"structured_outputs": {"regex": "a(b"}},
+        400,
+        "structured_outputs",
+        ["regex"],
+    ),
     ("grammar that does not compile", "chat/completions", CHAT | {"guided_grammar": "start: nothing"}, 400, "guided_grammar", ["nothing"]),
     ("guided_json not JSON", "completions", COMPLETION | {"guided_json": "{oops"}, 400, "guided_json", ["JSON"]),
     ("empty guided_choice", "completions", COMPLETION | {"guided_choice": []}, 400, "guided_choice", ["choice"]),
     ("constraint over the size limit", "completions", COMPLETION | {"guided_regex": "a" * 40000}, 400, "guided_regex", ["40000", "32768"]),
     ("two constraints", "completions", COMPLETION | {"guided_regex": "a", "guided_choice": ["b"]}, 400, "guided_choice", ["guided_regex"]),
-    ("structured_outputs with two kinds", "chat/completions", CHAT | {"structured_outputs": {"regex": "a", "choice": ["b"]}}, 400, "structured_outputs", []),
-    ("unknown structured_outputs field", "completions", COMPLETION | {"structured_outputs": {"structural_tag": "x"}}, 400, "structured_outputs", []),
+    (
+        "structured_outputs with two kinds",
+        "chat/completions",
+        CHAT | {"structured_outputs": {"regex": "a", "choice": ["b"]}},
+        400,
+        "structured_outputs",
+        [],
+    ),
+    (
+        "unknown structured_outputs field",
+        "completions",
+        COMPLETION | {"structured_outputs": {"structural_tag": "x"}},
+        400,
+        "structured_outputs",
+        [],
+    ),
     ("stream_options without stream", "completions", COMPLETION | {"stream_options": {"include_usage": True}}, 400, "stream_options", []),
     ("unknown model", "completions", COMPLETION | {"model": "gpt-5"}, 404, "model", ["gpt-5"]),
     ("unknown field", "completions", COMPLETION | {"best_of": 3}, 400, "best_of", ["best_of"]),
-    ("unknown chat field", "chat/completions", CHAT | {"guided_decoding_backend": "xgrammar"}, 400, "guided_decoding_backend", ["guided_decoding_backend"]),
+    (
+        "unknown chat field",
+        "chat/completions",
+        CHAT | {"guided_decoding_backend": "xgrammar"},
+        400,
+        "guided_decoding_backend",
+        ["guided_decoding_backend"],
+    ),
     ("logit_bias out of range", "completions", COMPLETION | {"logit_bias": {"5": 200}}, 400, "logit_bias", ["100"]),
     ("logit_bias key not a token id", "chat/completions", CHAT | {"logit_bias": {"abc": 1}}, 400, "logit_bias", []),
     ("logit_bias outside the vocabulary", "completions", COMPLETION | {"logit_bias": {"999999": 1}}, 400, "logit_bias", ["49152"]),
@@ -510,7 +559,9 @@ def test_full_queue_gets_503_with_retry_after(server):
     assert wait_until_idle(server)["llmcluster_requests_running"] == 0
 
 
-@pytest.mark.parametrize("prompts, stream", [(["Hi"], True), (["Hi", "Hello"], True), (["Hi"], False)], ids=["stream", "stream-2-prompts", "non-stream"])
+@pytest.mark.parametrize(
+    "prompts, stream", [(["Hi"], True), (["Hi", "Hello"], True), (["Hi"], False)], ids=["stream", "stream-2-prompts", "non-stream"]
+)
 def test_disconnect_aborts_the_request(server, prompts, stream):
     idle = wait_until_idle(server)
     assert idle["llmcluster_kv_cache_usage_ratio"] == 0

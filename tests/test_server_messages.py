@@ -1,4 +1,5 @@
 """What LLM replicas send to the API: engine outputs as deltas, on the real tiny engine (no Ray)."""
+
 from __future__ import annotations
 
 import asyncio

@@ -21,11 +21,11 @@ import pytest
 from ports import free_port
 from serve_app import served
 
+from serving.config import LLMConfig
 from serving.loadtest.client import HTTPTarget
 from serving.loadtest.load import LoadPoint, run_load
 from serving.loadtest.metrics import request_latencies
 from serving.loadtest.workloads import RequestSpec
-from serving.config import LLMConfig
 from serving.models.tiny import make_tiny_llama
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,6 @@
 """Constrained decoding in the engine: masks, matcher state through n > 1, seeds, logprobs, chunked
 prefill and preemption, compile errors and the grammar cache; validity of sampled JSON on the default model."""
+
 from __future__ import annotations
 
 import json
@@ -89,7 +90,9 @@ def test_grammar_end_stops_and_max_tokens_cuts(llm):
     assert out.finish_reason == "length" and len(out.token_ids) == 2 and set(out.text) == {"x"}
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0}, {"temperature": 1.5, "top_k": 5}, {"temperature": 1.2, "top_p": 0.5}])
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 0}, {"temperature": 1.0}, {"temperature": 1.5, "top_k": 5}, {"temperature": 1.2, "top_p": 0.5}]
+)
 def test_every_sampling_mode_follows_the_grammar(llm, sampling):
     pattern = "(yes|no), [0-9]{1,4}( [a-z]{1,6}){0,3}\\."
     params = SamplingParams(max_tokens=40, seed=11, n=3, constraint=regex(pattern), **sampling)
@@ -219,7 +222,10 @@ SCHEMAS: dict[str, dict] = {
     },
     "string pattern": {
         "type": "object",
-        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}, "date": {"type": "string", "pattern": "^2[0-9]{3}-[01][0-9]$"}},
+        "properties": {
+            "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+            "date": {"type": "string", "pattern": "^2[0-9]{3}-[01][0-9]$"},
+        },
         "required": ["code", "date"],
         "additionalProperties": False,
     },
@@ -237,7 +243,10 @@ SCHEMAS: dict[str, dict] = {
         "$defs": {
             "point": {
                 "type": "object",
-                "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9}, "y": {"type": "integer", "minimum": -9, "maximum": 9}},
+                "properties": {
+                    "x": {"type": "integer", "minimum": -9, "maximum": 9},
+                    "y": {"type": "integer", "minimum": -9, "maximum": 9},
+                },
                 "required": ["x", "y"],
                 "additionalProperties": False,
             }
@@ -251,7 +260,10 @@ SCHEMAS: dict[str, dict] = {
         "type": "array",
         "items": {
             "type": "object",
-            "properties": {"sku": {"type": "string", "pattern": "^[a-z]{2}[0-9]{2}$"}, "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+            "properties": {
+                "sku": {"type": "string", "pattern": "^[a-z]{2}[0-9]{2}$"},
+                "qty": {"type": "integer", "minimum": 1, "maximum": 9},
+            },
             "required": ["sku", "qty"],
             "additionalProperties": False,
         },
@@ -269,7 +281,11 @@ SCHEMAS: dict[str, dict] = {
     },
     "booleans and const": {
         "type": "object",
-        "properties": {"version": {"const": 2}, "ok": {"type": "boolean"}, "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}},
+        "properties": {
+            "version": {"const": 2},
+            "ok": {"type": "boolean"},
+            "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+        },
         "required": ["version", "ok", "flags"],
         "additionalProperties": False,
     },

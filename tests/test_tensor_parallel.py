@@ -1,5 +1,6 @@
 """Tensor parallelism over gloo: each rank's ModelRunner, given the same steps, returns the single
 runner's logits (prompt logits and the logits of greedy decoding)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -77,7 +78,9 @@ def check_against_single(config: LLMConfig, size: int) -> None:
 
 @pytest.mark.parametrize("size", [2, 4], ids=["tp2", "tp4-replicated-kv"])
 def test_tiny_model_tensor_parallel_matches_single(tiny_model, size):
-    config = LLMConfig(model=ModelConfig(source=str(tiny_model)), engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.01, max_num_batched_tokens=16))
+    config = LLMConfig(
+        model=ModelConfig(source=str(tiny_model)), engine=EngineConfig(block_size=4, kv_cache_memory_gb=0.01, max_num_batched_tokens=16)
+    )
     check_against_single(config, size)
 
 

@@ -2,6 +2,7 @@
 
 test_detokenizer.py builds its tokenizers with the functions here.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,9 +65,7 @@ def sentencepiece_json() -> str:
     vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
     spec["model"]["byte_fallback"] = True
     tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tok.to_str()
 
@@ -130,9 +129,7 @@ def test_convert_ids_to_tokens_rejects_unknown_id(byte_level: Tokenizer) -> None
         (sentencepiece_json, False, "<s>hi", 1),  # a BOS written in the text stays
     ],
 )
-def test_bos_follows_add_bos_token(
-    tmp_path: Path, tokenizer_json: Any, add_bos_token: bool | None, text: str, bos_count: int
-) -> None:
+def test_bos_follows_add_bos_token(tmp_path: Path, tokenizer_json: Any, add_bos_token: bool | None, text: str, bos_count: int) -> None:
     bos = "<|endoftext|>" if tokenizer_json is byte_level_json else "<s>"
     config = {"bos_token": bos} if add_bos_token is None else {"bos_token": bos, "add_bos_token": add_bos_token}
     tokenizer = make_tokenizer(tmp_path, tokenizer_json(), config)

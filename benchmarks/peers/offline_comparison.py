@@ -6,6 +6,7 @@ Ours runs --repeats times, then vLLM (benchmarks/peers/vllm_offline.py, in the p
 after its warm-up, then ours again: vLLM's median over the mean of our two medians brackets the machine's
 drift. Same prompts (engine_bench's 12-16 token prompts, as token ids), float32, greedy, ignore_eos.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,13 @@ def main() -> None:
     vllm = json.loads(line.removeprefix("RESULT "))["tok_s"]
     after = ours(llm, prompts, args.output_len, args.repeats)
     ours_tok_s = (statistics.median(before) + statistics.median(after)) / 2
-    result = {"ours_before": before, "vllm": vllm, "ours_after": after, "ratio": ours_tok_s / statistics.median(vllm), "settings": vars(args)}
+    result = {
+        "ours_before": before,
+        "vllm": vllm,
+        "ours_after": after,
+        "ratio": ours_tok_s / statistics.median(vllm),
+        "settings": vars(args),
+    }
     print(f"batch {args.batch}: ours {ours_tok_s:.1f} tok/s (before {statistics.median(before):.1f}, after {statistics.median(after):.1f}), "
           f"vLLM {statistics.median(vllm):.1f}: {result['ratio']:.2f}x")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cluster.local import free_port
 from serving.loadtest.cli import main as bench
 from serving.loadtest.compare import compare_table
 from serving.loadtest.plots import plot_comparison
 from serving.loadtest.report import load_result, write_result
-from cluster.local import free_port
 
 MODEL = Path.home() / ".cache/llm-cluster/models/SmolLM2-135M-Instruct"
 NAME = "SmolLM2-135M-Instruct"

@@ -6,6 +6,7 @@ PROMPTS.json holds the token-id prompts (benchmarks/peers/offline_comparison.py 
 then REPEATS timed `LLM.generate` calls of the whole batch, greedy with ignore_eos; prints a line "RESULT {json}"
 with their output tok/s.
 """
+
 import json
 import sys
 import time
@@ -16,7 +17,8 @@ from vllm.inputs import TokensPrompt
 
 def main() -> None:
     model, prompts_file, output_len, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.load(open(prompts_file))]
+    with open(prompts_file) as f:
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.load(f)]
     llm = LLM(model=model, dtype="float32", max_num_seqs=len(prompts), max_model_len=2048)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)

@@ -12,6 +12,7 @@ thread that runs torch's parallel ops gets its own OpenMP team, and once libgomp
 threads than there are cores it stops spinning between parallel regions and puts its workers to
 sleep (benchmarks/README.md, "One engine thread").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -113,7 +114,9 @@ class AsyncLLMEngine:
             return 0.0
         return time.monotonic() - self.last_progress
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as tokens arrive; closing the iterator early aborts it."""
         request_id = self._admit(request_id)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -136,9 +139,7 @@ class AsyncLLMEngine:
             if not finished:  # closed early, cancelled or failed: make sure the engine lets it go
                 await asyncio.shield(self.abort(request_id))
 
-    async def run(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str, sink: Callable[[RequestOutput], None]
-    ) -> None:
+    async def run(self, prompt: str | list[int], params: SamplingParams, request_id: str, sink: Callable[[RequestOutput], None]) -> None:
         """Run a request, calling `sink(output)` on this loop with each of its outputs as the steps make them (no task
         wakes up per output); returns once it has finished. Cancelling it aborts the request.
 
@@ -274,7 +275,7 @@ class AsyncLLMEngine:
         for callback in list(self._step_callbacks):
             try:
                 callback()
-            except Exception:  # noqa: BLE001 - one listener's fault must not cost the others their step
+            except Exception:
                 logger.exception("a step callback failed")
 
     def _fail_all(self, error: EngineDeadError) -> None:

@@ -7,6 +7,7 @@ memory is needed, then the least recently freed is evicted first. Prompt blocks 
 sequence is still computing are "computing blocks": a new prompt that needs one waits a step for it
 rather than computing it a second time.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Incremental detokenization: turns a stream of generated token ids into text deltas for streaming."""
+
 from __future__ import annotations
 
 from serving.tokenizer import Tokenizer

@@ -1,4 +1,5 @@
 """Offline batch generation: `LLM(...).generate(prompts, params)`."""
+
 from __future__ import annotations
 
 import itertools

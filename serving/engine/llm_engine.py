@@ -1,4 +1,5 @@
 """The synchronous engine: accepts requests, runs scheduler + model steps, reports outputs."""
+
 from __future__ import annotations
 
 import logging
@@ -190,7 +191,9 @@ class LLMEngine:
     def _chunk(item: ScheduledSeq) -> SeqChunk:
         seq, start = item.seq, item.seq.num_computed_tokens
         wants_prompt_logits = seq.request.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1
-        return SeqChunk(seq.token_ids[start : start + item.num_new_tokens], start, list(seq.block_table), item.completes, wants_prompt_logits)
+        return SeqChunk(
+            seq.token_ids[start : start + item.num_new_tokens], start, list(seq.block_table), item.completes, wants_prompt_logits
+        )
 
     def _fill_masks(self, scheduled: SchedulerOutput, chunks: list[SeqChunk]) -> StepMasks | None:
         return self.masks.fill([item.seq for item, chunk in zip(scheduled.scheduled, chunks) if chunk.sample])

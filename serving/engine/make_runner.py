@@ -1,4 +1,5 @@
 """The one place that chooses how a replica computes its steps, from the config alone."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 On CUDA, decode-only steps replay CUDA graphs captured for a ladder of batch sizes (the batch is
 padded up to the next captured size, padding tokens write to a scratch block).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ or `DeepSpeedRunner`. `make_runner` (serving/engine/make_runner.py) picks one fr
 This module imports nothing from the engine, so `serving/parallel` can implement the interface
 without depending on the engine that drives it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

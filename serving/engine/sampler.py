@@ -4,6 +4,7 @@ Random choices use the exponential race (argmax of p / E with E ~ Exp(1)), which
 exactly and lets each seeded sequence draw its noise from its own generator: a seeded request
 gives the same tokens whatever else is in the batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,10 +36,7 @@ def sample(
             _sample_random(logits, seqs),
         )
     token_list = tokens.tolist()
-    logprobs = [
-        top_logprobs(raw_logprobs[i], token_list[i], p.logprobs) if p.logprobs is not None else None
-        for i, p in enumerate(params)
-    ]
+    logprobs = [top_logprobs(raw_logprobs[i], token_list[i], p.logprobs) if p.logprobs is not None else None for i, p in enumerate(params)]
     return token_list, logprobs
 
 

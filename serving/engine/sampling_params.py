@@ -1,4 +1,5 @@
 """Per-request sampling parameters, validated on construction."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -59,9 +60,7 @@ class SamplingParams:
         self._check(isinstance(self.n, int) and self.n >= 1, "n", "n must be an integer >= 1")
         self._check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "max_tokens must be >= 1")
         self._check(self.min_tokens >= 0, "min_tokens", "min_tokens must be >= 0")
-        self._check(
-            self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "min_tokens must be at most max_tokens"
-        )
+        self._check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "min_tokens must be at most max_tokens")
         self._check(self.temperature >= 0, "temperature", "temperature must be >= 0")
         self._check(0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]")
         self._check(self.top_k >= 0 or self.top_k == -1, "top_k", "top_k must be >= 0 (or -1 for all)")

@@ -5,6 +5,7 @@ unfinished prefill continues with its next chunk); when KV blocks run out the ne
 sequence is preempted and later recomputed. Waiting sequences are then admitted in arrival
 order while budget, sequence slots and blocks last; a long prompt is split into chunks.
 """
+
 from __future__ import annotations
 
 from collections import deque

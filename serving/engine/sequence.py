@@ -1,4 +1,5 @@
 """Requests and their sequences: the engine's unit of work and its per-token state."""
+
 from __future__ import annotations
 
 import enum

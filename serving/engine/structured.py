@@ -6,6 +6,7 @@ constraint's content; each sequence gets its own copy, which consumes the tokens
 step, the masks of all constrained rows are filled into one bitmask (by llguidance's threads) and
 applied to the batch's logits in one masked fill before sampling.
 """
+
 from __future__ import annotations
 
 import json

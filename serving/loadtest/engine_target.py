@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 import uuid
 
-from serving.loadtest.client import RequestResult
-from serving.loadtest.workloads import RequestSpec
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import RequestOutput
 from serving.errors import LLMClusterError
+from serving.loadtest.client import RequestResult
+from serving.loadtest.workloads import RequestSpec
 
 
 class EngineTarget:

@@ -1,4 +1,5 @@
 """The metrics of one API ingress replica: HTTP traffic by route and status class, and back-pressure."""
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram

@@ -1,4 +1,5 @@
 """The metrics of one LLM replica: engine state, token and request counters, latency histograms."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """The architecture description read from a Hugging Face `config.json`."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,7 @@ class ModelArch:
         arch = (cfg.get("architectures") or [ARCHITECTURE_OF_MODEL_TYPE.get(model_type, model_type)])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"architecture {arch!r} is not supported by the native engine; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"architecture {arch!r} is not supported by the native engine; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         num_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]

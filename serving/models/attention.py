@@ -6,6 +6,7 @@ static shape (so the call can be captured in a CUDA graph); each prefill chunk r
 causal SDPA call. (On float32 CPU, cpu_layers.KernelAttention runs the decodes on our kernels and
 the prefill chunks here.)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

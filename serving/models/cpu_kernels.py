@@ -8,6 +8,7 @@ second team on the same cores and both would stop spinning (see ARCHITECTURE.md)
 `load_cpu_kernels()` returns None, with the reason logged once, where the kernels cannot run: not
 x86-64 with AVX2/FMA, torch without OpenMP, no C compiler, or LLM_CLUSTER_CPU_KERNELS=0.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -51,10 +52,16 @@ class CpuKernels:
             function = getattr(library, f"llm_{name}")
             function.argtypes, function.restype = argtypes, None
         self._linear, self._gate_up = library.llm_linear, library.llm_gate_up
-        self._rms_norm, self._decode_attention, self._rope_store = library.llm_rms_norm, library.llm_decode_attention, library.llm_rope_store
+        self._rms_norm, self._decode_attention, self._rope_store = (
+            library.llm_rms_norm,
+            library.llm_decode_attention,
+            library.llm_rope_store,
+        )
         self._quantized = library.llm_quantized
 
-    def linear(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    def linear(
+        self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None
+    ) -> torch.Tensor:
         """x [M, K] @ W^T (+ bias [n]) (+ residual [M, n]) with W packed by `to_panels`."""
         m, k = x.shape
         out = torch.empty(m, n)
@@ -69,8 +76,17 @@ class CpuKernels:
         return out
 
     def quantized(
-        self, x: torch.Tensor, kind: str, data: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group: int, n: int,
-        gated: bool, bias: torch.Tensor | None, residual: torch.Tensor | None,
+        self,
+        x: torch.Tensor,
+        kind: str,
+        data: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor | None,
+        group: int,
+        n: int,
+        gated: bool,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
     ) -> torch.Tensor:
         """`linear` (gated False) or `gate_up` (True) over quantized panels packed by serving/models/quant.py."""
         m, k = x.shape
@@ -89,7 +105,13 @@ class CpuKernels:
         return out
 
     def decode_attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
     ) -> torch.Tensor:
         """One query token per sequence, q [B, H, D] (heads contiguous, rows may be strided), over the first
         context_lens[b] keys of its blocks (cache [blocks, block_size, KVH, D], block_tables [B, max_blocks]
@@ -105,7 +127,15 @@ class CpuKernels:
         return out
 
     def rope_store(
-        self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self,
+        qkv: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
     ) -> None:
         """Rotate q and k of qkv [T, (H + 2 KVH) * D] in place by cos/sin [T, D] (sin's first half
         negated), and write k and v into cache slots [T] (int64) of k_cache/v_cache [..., KVH, D]."""

@@ -6,6 +6,7 @@ o_proj/down_proj and the SiLU gate product fused into the same call; RMSNorm run
 attention applies rotary and writes the cache in one call and runs its decodes on the paged cache in
 place. Why our kernels and not torch's, with measurements: benchmarks/README.md, "Engine on CPU".
 """
+
 from __future__ import annotations
 
 import torch

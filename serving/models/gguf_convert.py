@@ -1,4 +1,5 @@
 """Convert a llama-architecture GGUF file into a float32 Hugging Face LlamaForCausalLM folder."""
+
 from __future__ import annotations
 
 import json
@@ -102,9 +103,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def byte_level_bpe(
-    pre_tokenizer: pre_tokenizers.PreTokenizer, *, vocab: dict[str, int], merges: list[tuple[str, str]]
-) -> Tokenizer:
+def byte_level_bpe(pre_tokenizer: pre_tokenizers.PreTokenizer, *, vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
     """A GPT-2 style byte-level BPE tokenizer with the given pre-tokenizer."""
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizer
@@ -190,12 +189,8 @@ def _gguf_tokenizer(meta: dict[str, Any], gguf_path: Path) -> Tokenizer:
     merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]
     tokenizer = byte_level_bpe(_PRE_TOKENIZERS[pre](), vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
     types = meta["tokenizer.ggml.token_type"]
-    tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == TokenType.CONTROL]
-    )
-    tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == TokenType.USER_DEFINED]
-    )
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == TokenType.CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == TokenType.USER_DEFINED])
     return tokenizer
 
 

@@ -6,6 +6,7 @@ float32 with a log line saying so (and so are the tensors fused into one matrix 
 gate/up, since a matrix has one format). The tokenizer and config come from the folder the file was
 converted into (serving/models/gguf_convert.py), which holds the same model in float32.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,7 +82,9 @@ class GgufWeights:
         tensor = self.tensors[name]
         qtype = tensor.tensor_type.name
         if tensor.tensor_type in NATIVE_TYPES:
-            log.warning("%s: %s is %s, dequantized to float32 with the tensors of other types it is fused with", self.path.name, tensor.name, qtype)
+            log.warning(
+                "%s: %s is %s, dequantized to float32 with the tensors of other types it is fused with", self.path.name, tensor.name, qtype
+            )
         elif tensor.tensor_type not in _FLOAT_TYPES:
             log.warning("%s: %s is %s, which has no kernel here; dequantized to float32", self.path.name, tensor.name, qtype)
         try:

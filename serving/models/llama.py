@@ -3,6 +3,7 @@
 Inputs are a flattened batch of tokens from many sequences; q/k/v and gate/up projections are
 fused into one matrix each (the loader concatenates the checkpoint's separate weights).
 """
+
 from __future__ import annotations
 
 import math

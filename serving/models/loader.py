@@ -7,6 +7,7 @@ names to parameters. With a quantization the
 linear layers and the embedding are quantized tensor by tensor as they are read (int8/int4), or
 taken as they are from the GGUF file (gguf), see serving/models/quant.py.
 """
+
 from __future__ import annotations
 
 import json

@@ -15,6 +15,7 @@ whole row, so every slice carries its row's scale and the slices sum to the sing
 The embedding and LM head are quantized to int8 in both int8 and int4 (EMBEDDING_KIND); tied ones
 share one copy of the rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,7 +60,9 @@ class QuantRows:
         if self.kind == "q8" and self.scales.shape[1] == 1:  # one scale per row: every slice keeps it
             return QuantRows("q8", self.data.narrow(1, start, length), self.scales, None, length)
         if start % self.group or length % self.group:
-            raise QuantizationError(f"a slice of inputs [{start}, {start + length}) does not fall on the {self.group}-input groups of {self.kind}")
+            raise QuantizationError(
+                f"a slice of inputs [{start}, {start + length}) does not fall on the {self.group}-input groups of {self.kind}"
+            )
         groups = (start // self.group, length // self.group)
         per_byte = 2 if self.kind == "q4" else 1
         data = self.data.narrow(1, start // per_byte, length // per_byte)
@@ -121,7 +124,9 @@ class QuantizedWeight(nn.Module):
 
     def load_rows(self, start: int, part: QuantRows) -> None:
         if part.kind != self.kind or part.group != self.group:
-            raise QuantizationError(f"{part.kind} rows in groups of {part.group} cannot fill a {self.kind} matrix in groups of {self.group}")
+            raise QuantizationError(
+                f"{part.kind} rows in groups of {part.group} cannot fill a {self.kind} matrix in groups of {self.group}"
+            )
         count = part.data.shape[0]
         self.data[start : start + count] = part.data
         self.scales[start : start + count] = part.scales
@@ -219,10 +224,14 @@ def require_cpu_kernels(quantization: str, device: torch.device, dtype: torch.dt
             f"device is {device.type}: use 'int8' or 'int4' on CPU"
         )
     if device.type != "cpu":
-        raise QuantizationError(f"quantization {quantization!r} runs on the CPU kernels only; device is {device.type}: use quantization 'none'")
+        raise QuantizationError(
+            f"quantization {quantization!r} runs on the CPU kernels only; device is {device.type}: use quantization 'none'"
+        )
     if dtype != torch.float32:
         raise QuantizationError(f"quantization {quantization!r} computes in float32; set dtype 'auto' or 'float32', not {dtype}")
     kernels = load_cpu_kernels()
     if kernels is None:
-        raise QuantizationError(f"quantization {quantization!r} needs this project's CPU kernels, which cannot run here: {unavailable_reason()}")
+        raise QuantizationError(
+            f"quantization {quantization!r} needs this project's CPU kernels, which cannot run here: {unavailable_reason()}"
+        )
     return kernels

@@ -7,6 +7,7 @@ a JSON header {name: {dtype, shape, data_offsets}}, then the raw tensor bytes.
 A pre-quantized int8 checkpoint (compressed-tensors' per-channel W8A16: an I8 `X.weight` and a
 float `X.weight_scale` [rows, 1], w = q * scale) is read as quantized rows by `quantized`.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,16 @@ from serving.errors import ModelSourceError
 from serving.models.quant import QuantRows
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -48,7 +57,7 @@ class SafetensorsFile:
         return [name for name in self.entries if name not in scales]
 
     def native_kind(self, name: str) -> str | None:
-        """"q8" for an int8 weight of a pre-quantized checkpoint, None for float tensors."""
+        """ "q8" for an int8 weight of a pre-quantized checkpoint, None for float tensors."""
         return "q8" if self.entries[name]["dtype"] == "I8" else None
 
     def quantized(self, name: str, f) -> QuantRows:

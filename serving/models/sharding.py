@@ -8,6 +8,7 @@ each KV head is replicated on tp / num_kv_heads ranks). Pipeline stages: contigu
 layers, hidden states passed stage to stage. `serving/parallel` starts the ranks and builds these
 descriptions for them; the model and its loader only read them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Turn a model source (a folder, a Hub repo id, or "default") into a local Hugging Face-format folder."""
+
 from __future__ import annotations
 
 import fcntl
@@ -78,9 +79,7 @@ def check_model_dir(path: Path) -> Path:
 
 def _download_from_hub(repo_id: str, hub_cache: Path) -> Path:
     try:
-        folder = snapshot_download(
-            repo_id, cache_dir=hub_cache, allow_patterns=_HUB_FILES, token=os.environ.get("HF_TOKEN") or None
-        )
+        folder = snapshot_download(repo_id, cache_dir=hub_cache, allow_patterns=_HUB_FILES, token=os.environ.get("HF_TOKEN") or None)
     except RepositoryNotFoundError as e:
         raise ModelSourceError(
             f"{repo_id} was not found on the Hugging Face Hub, or it is private or gated: "

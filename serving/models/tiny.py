@@ -1,4 +1,5 @@
 """Tiny randomly initialised models in Hugging Face format, for tests that need a real folder in milliseconds."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,6 +9,7 @@ the runner gathers the sequence's past keys and values from its block table into
 cache, runs the model on the new tokens, and scatters the new keys and values back into the blocks.
 Decodes run together as one padded batch; prefill chunks run one at a time.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -114,9 +115,7 @@ class DeepSpeedRunner:
 
         start, n = chunk.start, len(chunk.token_ids)
         past = self._slots(chunk, start)
-        cache = DynamicCache(
-            ddp_cache_data=[(k[past].transpose(0, 1)[None], v[past].transpose(0, 1)[None]) for k, v in self.kv_caches]
-        )
+        cache = DynamicCache(ddp_cache_data=[(k[past].transpose(0, 1)[None], v[past].transpose(0, 1)[None]) for k, v in self.kv_caches])
         positions = torch.arange(start, start + n, device=self.device)
         out = self.model(
             input_ids=torch.tensor([chunk.token_ids], device=self.device),

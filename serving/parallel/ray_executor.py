@@ -3,6 +3,7 @@
 Every step's StepInput goes to every rank (Ray preserves each actor's call order, so ranks see
 steps in the same order); the last stage's first TP rank returns the logits.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

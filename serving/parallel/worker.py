@@ -3,6 +3,7 @@
 The shard runner is whichever class the executor was given (serving.engine.runner.ShardRunner): the
 native engine's ModelRunner or, with the deepspeed backend, DeepSpeedRunner; both take the same StepInput.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The FastAPI app of the OpenAI-compatible API; the Serve ingress deployment runs one per replica."""
+
 from __future__ import annotations
 
 import asyncio

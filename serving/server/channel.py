@@ -16,6 +16,7 @@ The handle call returns only after the message with its request's end has been w
 connection, so when it returns normally that message is on its way; the API side waits for it
 (a while, `FINISH_GRACE_S`) before calling the request lost.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -59,7 +60,7 @@ class ChannelAddress:
 class Mailbox:
     """One request's deltas as they arrive; what its reader has not taken yet is merged into one delta."""
 
-    __slots__ = ("pending", "finished", "error", "_waiter", "seen_on")
+    __slots__ = ("_waiter", "error", "finished", "pending", "seen_on")
 
     def __init__(self) -> None:
         self.pending: GenerationDelta | None = None
@@ -133,7 +134,7 @@ class DeltaChannel:
             mailbox = mailboxes.get(entry[0])
             if mailbox is None:  # its client left: the call was cancelled, the replica aborts it
                 continue
-            request_id, finished, delta = from_wire(entry)
+            _, finished, delta = from_wire(entry)
             mailbox.seen_on = receiver
             mailbox.push(finished, delta)
 

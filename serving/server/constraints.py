@@ -3,6 +3,7 @@
 A request may use one of these fields, and one constraint in it. The engine compiles the
 constraint and refuses one that does not compile; the size limit is checked here, before any work.
 """
+
 from __future__ import annotations
 
 import json

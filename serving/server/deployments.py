@@ -4,6 +4,7 @@
 `serving.server.deployments:build_app`, its args an `LLMConfig` as a dict); `deploy` starts Serve
 on the connected Ray cluster, runs the application and waits until the API answers.
 """
+
 from __future__ import annotations
 
 import logging

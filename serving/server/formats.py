@@ -1,4 +1,5 @@
 """How completions and chat completions shape their choices, stream chunks and logprobs."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -1,4 +1,5 @@
 """Errors in OpenAI's format: `{"error": {"message", "type", "param", "code"}}` with a fitting status."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -14,8 +14,8 @@ from ray.serve.handle import DeploymentHandle
 from serving.config import ServerConfig
 from serving.engine.sampling_params import SamplingParams
 from serving.errors import InvalidRequestError, LLMClusterError
-from serving.server.http_errors import overloaded, replica_failed
 from serving.server.channel import FINISH_GRACE_S, ChannelError, DeltaChannel, Mailbox
+from serving.server.http_errors import overloaded, replica_failed
 from serving.server.messages import GenerationDelta, ModelInfo
 
 

@@ -13,10 +13,10 @@ from ray import serve
 from serving.config import LLMConfig
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.sampling_params import SamplingParams
+from serving.engine.sequence import RequestOutput
 from serving.errors import EngineDeadError, InvalidRequestError
 from serving.metrics.export import MetricsPusher
 from serving.metrics.replica import EngineState, ReplicaMetrics
-from serving.engine.sequence import RequestOutput
 from serving.server.channel import ChannelAddress, Outboxes
 from serving.server.messages import GenerationDelta, ModelInfo, whole_output
 from serving.server.tools.parsers import resolve_parser
@@ -54,7 +54,9 @@ class LLMDeployment:
     # A request the engine rejects is answered with the error as a value, not raised: it is the
     # client's fault, and Serve would log a raised one as a failure of this replica.
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, channel: ChannelAddress) -> InvalidRequestError | None:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, channel: ChannelAddress
+    ) -> InvalidRequestError | None:
         """Run a request whose deltas go to the API replica at `channel`, with those of every other request of that
         API replica, one message per engine step (serving/server/channel.py). Returns once the last delta has been
         written; cancelling the call (the client left) aborts the request."""

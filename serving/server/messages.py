@@ -3,6 +3,7 @@
 The engine reports each request's full text and token lists on every step; across a process
 boundary only what changed is worth sending, so `engine_deltas` turns its outputs into deltas.
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator

@@ -3,6 +3,7 @@
 The API side renders chat templates and tokenizes (so replicas receive token ids), turns request
 fields into `SamplingParams`, and shapes the engine's deltas into OpenAI's responses and chunks.
 """
+
 from __future__ import annotations
 
 import json
@@ -232,7 +233,7 @@ class OpenAIServing:
         prompt_tokens = sum(f.num_prompt_tokens for f in firsts)
         completion_tokens = 0
         # every chunk starts the same: encoded once, each chunk encodes only its choices
-        prefix = f"data: {json.dumps(head, ensure_ascii=False)[:-1]}, \"choices\": "
+        prefix = f'data: {json.dumps(head, ensure_ascii=False)[:-1]}, "choices": '
 
         def chunk(choices: list[dict[str, Any]]) -> str:
             if job.continuous_usage:

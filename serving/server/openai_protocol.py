@@ -2,6 +2,7 @@
 
 Sampling fields left out (or null) take the engine's defaults (`SamplingParams`), which match OpenAI's.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -65,7 +66,9 @@ class SamplingRequest(_Body):
     prompt_logprobs: int | None = Field(
         None, description=f"vLLM's: logprob of each prompt token and its top [0, {MAX_LOGPROBS}] alternatives (not with stream)."
     )
-    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: what the output must match (docs/structured-output.md).")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's: what the output must match (docs/structured-output.md)."
+    )
     guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older form of structured_outputs.json.")
     guided_regex: str | None = Field(None, description="vLLM's older form of structured_outputs.regex.")
     guided_choice: list[str] | None = Field(None, description="vLLM's older form of structured_outputs.choice.")

@@ -1,4 +1,5 @@
 """Small asyncio helpers for running several engine requests as one API request."""
+
 from __future__ import annotations
 
 import asyncio
