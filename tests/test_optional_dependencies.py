@@ -36,3 +36,10 @@ def test_deepspeed_backend_without_deepspeed_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)
     with pytest.raises(ModuleNotFoundError, match=r"needs deepspeed .*pip install 'llm-cluster\[deepspeed\]'"):
         _shard_with_deepspeed(torch.nn.Linear(2, 2), 2, torch.float32)
+
+
+def test_plots_without_matplotlib_name_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delitem(sys.modules, "serving.loadtest.plots", raising=False)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'llm-cluster\[plots\]'"):
+        importlib.import_module("serving.loadtest.plots")
