@@ -169,7 +169,9 @@ class ChatFormat(ResponseFormat):
     def chunk_choice(self, index: int, delta: ChoiceDelta) -> dict[str, Any]:
         content, finish_reason = {"content": delta.text} if delta.text else {}, delta.finish_reason
         if self.tools is not None:
-            content, finish_reason = self.tool_streams.setdefault(index, self.tools.stream()).feed(delta.text, delta.finish_reason)
+            if (stream := self.tool_streams.get(index)) is None:
+                stream = self.tool_streams[index] = self.tools.stream()
+            content, finish_reason = stream.feed(delta.text, delta.finish_reason)
         return {"index": index, "delta": content, "logprobs": self._logprobs(delta), "finish_reason": finish_reason}
 
     def choice(self, index: int, prompt: Prompt, result: GenerationDelta, output: ChoiceDelta) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The plain data LLM replicas send to API replicas: compact output deltas and model facts.
 
 The engine reports each request's full text and token lists on every step; across a process
-boundary only what changed is worth sending, so `engine_deltas` turns its outputs into deltas.
+boundary only what changed is worth sending, so `DeltaTracker` turns its outputs into deltas.
 """
 
 from __future__ import annotations

@@ -42,8 +42,6 @@ class ParsedCall:
 class ToolParser(ABC):
     """One model family's way of writing tool calls in its output."""
 
-    name: str
-
     @abstractmethod
     def scan(self, text: str, final: bool) -> Scan:
         """What `text` holds so far; with `final`, the text is the whole output."""
@@ -60,7 +58,6 @@ class ToolParser(ABC):
 class HermesParser(ToolParser):
     """Calls in `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen2.5, Hermes); text around them is content."""
 
-    name = "hermes"
     open_tag, close_tag = "<tool_call>", "</tool_call>"
 
     def scan(self, text: str, final: bool) -> Scan:
@@ -92,7 +89,6 @@ class Llama3JsonParser(ToolParser):
     """Llama 3.1/3.2's JSON calls: `{"name": ..., "parameters": {...}}` as the whole output, or after `<|python_tag|>`
     (text before the tag is content); several calls are separated by `;`."""
 
-    name = "llama3_json"
     tag = "<|python_tag|>"
 
     def scan(self, text: str, final: bool) -> Scan:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cache
 from importlib.resources import files
 from typing import Any
 
@@ -69,8 +70,9 @@ def _check_schema(name: str, schema: dict[str, Any]) -> None:
         raise bad_request(f"the parameters of tool '{name}' must describe an object", "tools")
 
 
+@cache
 def tool_template(parser: str) -> str | None:
-    """The chat template the package ships for `parser`, if the model's own does not render tools."""
+    """The chat template the package ships for `parser`, if the model's own does not render tools (read once)."""
     name = _TEMPLATES.get(parser)
     return None if name is None else files("serving.server.tools").joinpath("templates", name).read_text(encoding="utf-8")
 
