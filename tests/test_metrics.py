@@ -16,10 +16,10 @@ from serving.config import LLMConfig
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
-from serving.engine.stats import EngineStepStats
+from serving.engine.stats import EngineSnapshot, EngineStepStats
 from serving.metrics.api import APIMetrics
 from serving.metrics.export import merge, render
-from serving.metrics.replica import EngineState, ReplicaMetrics
+from serving.metrics.replica import ReplicaMetrics
 from serving.server.autoscaling import LLMAutoscalingPolicy, forecast, replicas_needed
 
 DOC = Path(__file__).resolve().parent.parent / "docs/metrics.md"
@@ -29,16 +29,15 @@ def samples(text: str) -> dict[tuple[str, frozenset], float]:
     return {(s.name, frozenset(s.labels.items())): s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
 
-def engine_state(engine: LLMEngine) -> EngineState:
+def engine_state(engine: LLMEngine) -> EngineSnapshot:
     blocks = engine.blocks
-    return EngineState(
+    return EngineSnapshot(
         engine.num_running,
         engine.num_waiting,
         blocks.usage,
         blocks.prefix_queries,
         blocks.prefix_hits,
         engine.scheduler.num_preemptions,
-        True,
     )
 
 
@@ -67,7 +66,7 @@ def test_engine_run_becomes_counters_and_histograms(engine):
     assert engine.take_stats().generation_tokens == 0, "taking the stats starts a new collection"
 
     metrics = ReplicaMetrics("tiny", "r1", tensor_parallel=2, pipeline_parallel=1)
-    metrics.update(engine_state(engine), step)
+    metrics.update(engine_state(engine), True, step)
     metrics.count_error()
     values = samples(render(list(metrics.registry.collect())).decode())
     labels = {("model", "tiny"), ("replica", "r1")}
@@ -111,8 +110,8 @@ def test_engines_nobody_takes_stats_from_keep_none(tiny_model):
 def test_counters_grow_by_what_changed_since_the_last_update(engine):
     metrics = ReplicaMetrics("tiny", "r1", 1, 1)
     empty = engine.take_stats()
-    metrics.update(EngineState(0, 0, 0.0, 100, 40, 3, True), empty)
-    metrics.update(EngineState(2, 5, 0.5, 130, 50, 4, False), empty)
+    metrics.update(EngineSnapshot(0, 0, 0.0, 100, 40, 3), True, empty)
+    metrics.update(EngineSnapshot(2, 5, 0.5, 130, 50, 4), False, empty)
     values = samples(render(list(metrics.registry.collect())).decode())
     labels = frozenset({("model", "tiny"), ("replica", "r1")})
     assert values[("llmcluster_prefix_cache_queries_total", labels)] == 130 and values[("llmcluster_preemptions_total", labels)] == 4

@@ -24,7 +24,6 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -33,7 +32,7 @@ from serving.config import LLMConfig
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import RequestOutput
-from serving.engine.stats import EngineStepStats
+from serving.engine.stats import EngineSnapshot, EngineStepStats
 from serving.errors import EngineDeadError, InvalidRequestError, LLMClusterError
 
 logger = logging.getLogger(__name__)
@@ -70,20 +69,6 @@ class _EngineThread:
                 future.set_result(call())
             except BaseException as error:  # noqa: BLE001 - whatever it is belongs to the caller waiting on the future
                 future.set_exception(error)
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """The engine's state as its latest step (or added or aborted request) left it: what other threads read
-    (metrics, autoscaling, health) instead of reaching into the engine while a step changes it."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_queries: int = 0  # prompt tokens looked up, since start
-    prefix_cache_hits: int = 0
-    preemptions: int = 0
-    has_unfinished_requests: bool = False
 
 
 class AsyncLLMEngine:

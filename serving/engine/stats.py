@@ -1,4 +1,5 @@
-"""What the engine measured since it was last asked: token counts, latencies and finished requests.
+"""What the engine measured since it was last asked (token counts, latencies, finished requests), and the
+snapshot of its state that other threads read (`EngineSnapshot`).
 
 The engine only records plain numbers here (it must not depend on any metrics library); the LLM
 replica takes them periodically (`LLMEngine.take_stats`) and turns them into Prometheus metrics.
@@ -95,3 +96,17 @@ def mark_token(seq: Sequence, now: float) -> None:
     if seq.request.first_token_time is None:
         seq.request.first_token_time = now
     seq.last_token_time = now
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state as its latest step (or added or aborted request) left it: what other threads read
+    (metrics, autoscaling, health) instead of reaching into the engine while a step changes it."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up, since start
+    prefix_cache_hits: int = 0
+    preemptions: int = 0
+    has_unfinished_requests: bool = False

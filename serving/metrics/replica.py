@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from serving.engine.stats import FINISH_REASONS, EngineStepStats
+from serving.engine.stats import FINISH_REASONS, EngineSnapshot, EngineStepStats
 from serving.metrics import PREFIX
 
 # Bucket bounds in the spirit of vLLM's, with a few more at the fast end for small models on CPU.
@@ -14,19 +12,6 @@ TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
-
-
-@dataclass
-class EngineState:
-    """The engine's gauges and cumulative counters, read at one moment."""
-
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_queries: int  # prompt tokens looked up, since start
-    prefix_cache_hits: int
-    preemptions: int
-    healthy: bool
 
 
 class ReplicaMetrics:
@@ -61,7 +46,7 @@ class ReplicaMetrics:
         self.decode = self._histogram("request_decode_time_seconds", "From the first token to the last.", REQUEST_BUCKETS)
         self.prompt_len = self._histogram("request_prompt_tokens", "Prompt length of finished requests.", TOKEN_BUCKETS)
         self.output_len = self._histogram("request_generation_tokens", "Tokens generated per finished request.", TOKEN_BUCKETS)
-        self._last = EngineState(0, 0, 0.0, 0, 0, 0, True)
+        self._last = EngineSnapshot()
 
     def _gauge(self, name: str, documentation: str) -> Gauge:
         return Gauge(f"{PREFIX}_{name}", documentation, list(self._labels), registry=self.registry).labels(**self._labels)
@@ -74,9 +59,9 @@ class ReplicaMetrics:
             **self._labels
         )
 
-    def update(self, state: EngineState, step: EngineStepStats) -> None:
-        """Set the gauges to `state`, count what grew since the last update, observe `step`'s measurements."""
-        self.healthy.set(1 if state.healthy else 0)
+    def update(self, state: EngineSnapshot, healthy: bool, step: EngineStepStats) -> None:
+        """Set the gauges to `state` and `healthy`, count what grew since the last update, observe `step`'s measurements."""
+        self.healthy.set(1 if healthy else 0)
         self.running.set(state.num_running)
         self.waiting.set(state.num_waiting)
         self.kv_usage.set(state.kv_cache_usage)

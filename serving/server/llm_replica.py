@@ -16,7 +16,7 @@ from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import RequestOutput
 from serving.errors import EngineDeadError, InvalidRequestError
 from serving.metrics.export import MetricsPusher
-from serving.metrics.replica import EngineState, ReplicaMetrics
+from serving.metrics.replica import ReplicaMetrics
 from serving.server.channel import ChannelAddress, Outboxes
 from serving.server.messages import GenerationDelta, ModelInfo, whole_output
 from serving.server.tools.parsers import resolve_parser
@@ -115,16 +115,7 @@ class LLMDeployment:
     def _refresh_metrics(self) -> None:
         """Runs in the metrics pusher's thread before each push."""
         snapshot, step = self.engine.snapshot, self.engine.take_stats()
-        state = EngineState(
-            num_running=snapshot.num_running,
-            num_waiting=snapshot.num_waiting,
-            kv_cache_usage=snapshot.kv_cache_usage,
-            prefix_cache_queries=snapshot.prefix_cache_queries,
-            prefix_cache_hits=snapshot.prefix_cache_hits,
-            preemptions=snapshot.preemptions,
-            healthy=self._health_problem() is None,
-        )
-        self.metrics.update(state, step)
+        self.metrics.update(snapshot, self._health_problem() is None, step)
         now = time.monotonic()
         self._recent_ttft.extend((now, ttft) for ttft in step.time_to_first_token_s)
         while self._recent_ttft and self._recent_ttft[0][0] < now - self.config.server.autoscaling.look_back_period_s:
