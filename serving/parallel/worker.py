@@ -46,8 +46,10 @@ class Worker:
             timeout=timedelta(seconds=120),
         )
         self.rss_before_load = _rss_bytes()
-        # every rank must create every group, in the same order
-        groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
+        # one stage: its TP group is the whole world; else every rank must create every stage's group, in the same order
+        groups = (
+            [dist.group.WORLD] if pp_size == 1 else [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
+        )
         stage_rank, tp_rank = divmod(rank, tp_size)
         self.tp = TensorParallel(tp_size, tp_rank, groups[stage_rank])
         stage = PipelineStage(
