@@ -1,4 +1,5 @@
-"""GPU throughput on a Llama-3-8B-shaped model with random bf16 weights, against transformers' generate.
+"""GPU throughput on a Llama-3-8B-shaped model with random bf16 weights, against transformers' generate,
+and the same model served with fp8 weights against bf16.
 
     python -m benchmarks.gpu_bench --out results.json
 
@@ -6,6 +7,12 @@ Writes the random model as a sharded safetensors folder (the real loading path),
 transformers' `generate` at each batch size, frees it, then times the engine (CUDA graphs for
 decode) on the same prompts, 128 greedy tokens each with ignore_eos. Also reports the batch-1
 bound set by memory bandwidth (weight bytes per step / measured device copy speed).
+
+Then, on a GPU with FP8 matrix units, the engine again with quantization 'fp8' (quantized as it loads)
+at --fp8-batch-sizes: tok/s, the ratio to bf16 at the same batch, and at batch 1 the fraction of the
+FP8 bandwidth bound: bytes one decode step reads (e4m3 layers with their scales, the bf16 LM head and
+norms) / --peak-tb-s, the GPU's nominal memory bandwidth (4.8 TB/s on an H200), and / the measured
+copy speed. Issue 22's targets: batch 1 at least 1.6x bf16 and 70% of the bound, batch 64 at least 1.3x.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from tqdm import tqdm
 
 from benchmarks.engine_bench import time_engine, time_transformers
 from serving.engine.llm import LLM
+from serving.models.llama import LlamaForCausalLM
 from serving.models.tiny import make_tiny_llama
 
 LLAMA3_8B = {
@@ -116,6 +124,55 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 10 / (time.perf_counter() - start)
 
 
+def bytes_per_step(model: LlamaForCausalLM) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer but the embedding (a row per
+    token) and the rotary tables (a row per position). The model's LM head is its own (not tied)."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return sum(t.numel() * t.element_size() for name, t in tensors.items() if not name.startswith(("embed_tokens.", "rotary.")))
+
+
+def time_fp8(
+    folder: Path, prompts: list[list[int]], batch_sizes: list[int], output_len: int, bf16: dict[int, float], peak: float, copy: float
+) -> dict:
+    """The engine with fp8 weights at each batch size, against bf16's tok/s at the same batch (`bf16`)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        return {"skipped": f"compute capability {torch.cuda.get_device_capability()} has no FP8 matrix units"}
+    started = time.perf_counter()
+    llm = LLM(
+        str(folder),
+        dtype="bfloat16",
+        device="cuda",
+        quantization="fp8",
+        max_model_len=512,
+        max_num_seqs=max(batch_sizes),
+        kv_cache_memory_gb=8,
+    )
+    step_bytes = bytes_per_step(llm.engine.runner.model)
+    result = {
+        "engine_start_s": round(time.perf_counter() - started, 1),
+        "gb_per_step": round(step_bytes / 1e9, 2),
+        "peak_tb_s": peak / 1e12,
+        "batch1_bound_tok_s": round(peak / step_bytes, 1),
+        "batch1_copy_bound_tok_s": round(copy / step_bytes, 1),
+        "rows": [],
+    }
+    time_engine(llm, prompts[:2], 4)
+    for batch in tqdm(batch_sizes, desc="engine fp8"):
+        ours = batch * output_len / time_engine(llm, prompts[:batch], output_len)
+        row = {"batch": batch, "fp8_tok_s": round(ours, 1)}
+        if batch in bf16:
+            row |= {"bf16_tok_s": round(bf16[batch], 1), "ratio_to_bf16": round(ours / bf16[batch], 2)}
+        if batch == 1:
+            row |= {"fraction_of_bound": round(ours / result["batch1_bound_tok_s"], 2)}
+            row |= {"fraction_of_copy_bound": round(ours / result["batch1_copy_bound_tok_s"], 2)}
+        result["rows"].append(row)
+        print(json.dumps({"fp8": row}), flush=True)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/llama3-8b-random"))
@@ -123,6 +180,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--layers", type=int, default=32, help="fewer layers for a quick try")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--fp8-batch-sizes", type=int, nargs="*", default=[1, 64], help="none: skip the fp8 run")
+    parser.add_argument("--peak-tb-s", type=float, default=4.8, help="the GPU's nominal memory bandwidth (H200: 4.8)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu.json"))
     args = parser.parse_args()
     config = LLAMA3_8B | {"num_hidden_layers": args.layers}
@@ -137,7 +196,7 @@ def main() -> None:
         "rows": [],
     }
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 380, (14,), generator=gen).tolist() for _ in range(max(args.batch_sizes))]
+    prompts = [torch.randint(3, 380, (14,), generator=gen).tolist() for _ in range(max(args.batch_sizes + args.fp8_batch_sizes))]
     baseline = {}
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM
@@ -155,14 +214,20 @@ def main() -> None:
     )
     result["engine_start_s"] = round(time.perf_counter() - started, 1)
     time_engine(llm, prompts[:2], 4)
+    bf16 = {}
     for batch in tqdm(args.batch_sizes, desc="engine"):
-        ours = batch * args.output_len / time_engine(llm, prompts[:batch], args.output_len)
+        ours = bf16[batch] = batch * args.output_len / time_engine(llm, prompts[:batch], args.output_len)
         row = {"batch": batch, "engine_tok_s": round(ours, 1)}
         if batch in baseline:
             row |= {"transformers_tok_s": round(baseline[batch], 1), "ratio": round(ours / baseline[batch], 2)}
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
     result["batch1_fraction_of_bound"] = round(result["rows"][0]["engine_tok_s"] / result["batch1_bound_tok_s"], 2)
+    if args.fp8_batch_sizes:
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+        result["fp8"] = time_fp8(args.folder, prompts, args.fp8_batch_sizes, args.output_len, bf16, args.peak_tb_s * 1e12, bandwidth)
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

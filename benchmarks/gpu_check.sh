@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# All GPU checks in one go (under 6 minutes on one H100/H200): the CUDA correctness tests, the
-# 8B-shaped throughput benchmark against transformers, then the serving benchmark's closed loop
-# (concurrency 1..64) on the same random model. Drives the engine directly (no Ray).
+# All GPU checks in one go (under 6 minutes on one H100/H200): the CUDA correctness tests (fp8 among
+# them), the 8B-shaped throughput benchmark against transformers and fp8 against bf16 (batch 1 and 64,
+# about 40 s more: a second engine start, quantizing as it loads), then the serving benchmark's closed
+# loop (concurrency 1..64) on the same random model. Drives the engine directly (no Ray).
 # Results land in $OUT (when set) or benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -33,7 +33,8 @@ class ModelConfig(_Strict):
         "none",
         description="Weight format: 'int8' (per output channel) and 'int4' (groups of 32, scale and min) are quantized "
         "at load time and run on the CPU kernels; 'gguf' serves a GGUF source (the default model's own Q4_1 file) in "
-        "its own precision; 'fp8' needs a GPU with FP8 units and is not implemented yet.",
+        "its own precision; 'fp8' (e4m3 weights with a scale per output channel, activations scaled per token) is "
+        "quantized at load time, or read from an FP8 checkpoint, and runs on CUDA GPUs with FP8 units (compute capability 8.9+).",
     )
     max_model_len: int | None = Field(None, gt=0, description="Longest prompt + output in tokens; defaults to the model's context length.")
     tool_parser: Literal["auto", "none", "hermes", "llama3_json", "smollm2"] = Field(

@@ -5,7 +5,8 @@ no mapped file pages, so peak memory stays close to the model size. Which slice 
 rank reads is each layer's own declaration (llama.WeightSlices); the loader only maps checkpoint
 names to parameters. With a quantization the
 linear layers and the embedding are quantized tensor by tensor as they are read (int8/int4), or
-taken as they are from the GGUF file (gguf), see serving/models/quant.py.
+taken as they are from the GGUF file (gguf), see serving/models/quant.py; with fp8 the decoder's
+linear layers are quantized as read, or taken as stored from an FP8 checkpoint (serving/models/fp8.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from serving.errors import ModelSourceError
 from serving.models.arch import ModelArch
+from serving.models.fp8 import Fp8Linear, Fp8Rows, quantize_fp8, read_checkpoint_rows
 from serving.models.llama import GateUpProjection, LlamaForCausalLM, RotaryEmbedding, Slice, WeightSlices
 from serving.models.quant import (
     EMBEDDING_KIND,
@@ -43,7 +45,8 @@ _FUSED = {  # checkpoint projection -> (fused parameter, index of its slice)
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
-_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+# the static activation scales of FP8 checkpoints: fp8 layers scale each token's activations themselves
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$|\.input_scale$")
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -103,12 +106,15 @@ def _readers(folder: Path, quantization: str) -> list:
     return [SafetensorsFile(path) for path in safetensors_files(folder)]
 
 
-def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) -> dict[str, QuantizedWeight]:
+def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) -> dict[str, QuantizedWeight | Fp8Linear]:
     """Swap the (meta) layers that will hold quantized weights for quantized ones; returns them by name.
 
     int8/int4: every linear layer in that format, the LM head and the embedding in int8 (EMBEDDING_KIND).
     gguf: every layer whose checkpoint tensors are all of one type with a kernel (Q8_0, Q4_0/Q4_1).
+    fp8: every linear layer but the LM head; the embedding and LM head keep the model dtype.
     """
+    if quantization == "fp8":
+        return _fp8_layers(model)
     if quantization in KINDS:
         kinds = {
             name: EMBEDDING_KIND if isinstance(module, nn.Embedding) or name == "lm_head" else KINDS[quantization]
@@ -139,6 +145,23 @@ def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) 
             raise QuantizationError(f"quantization {quantization!r} cannot hold {name}: {error}") from None
         replacement.weight_slices = layer.weight_slices
         setattr(parent, attr, replacement)
+        quantized[name] = replacement
+    return quantized
+
+
+def _fp8_layers(model: LlamaForCausalLM) -> dict[str, Fp8Linear]:
+    quantized: dict[str, Fp8Linear] = {}
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, nn.Linear) or name == "lm_head":
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        gated = isinstance(layer, GateUpProjection)
+        try:
+            replacement = Fp8Linear(layer.out_features, layer.in_features, layer.bias is not None, gated, layer.weight.dtype)
+        except QuantizationError as error:
+            raise QuantizationError(f"quantization 'fp8' cannot hold {name}: {error}") from None
+        replacement.weight_slices = layer.weight_slices
+        setattr(model.get_submodule(parent_name), attr, replacement)
         quantized[name] = replacement
     return quantized
 
@@ -198,7 +221,7 @@ def _slices(model: LlamaForCausalLM, param_name: str, shard: int | None, ndim: i
 
 
 def _copy_tensor(
-    model: LlamaForCausalLM, params: dict, quantized: dict[str, QuantizedWeight], arch: ModelArch, ckpt_name: str, reader, f
+    model: LlamaForCausalLM, params: dict, quantized: dict[str, QuantizedWeight | Fp8Linear], arch: ModelArch, ckpt_name: str, reader, f
 ) -> str | None:
     """Copy this rank's slice of one checkpoint tensor into its (slice of a) parameter; returns the slot it filled."""
     target = _target(model, ckpt_name)
@@ -223,7 +246,9 @@ def _copy_tensor(
     return _slot_key(param_name, shard)
 
 
-def _copy_quantized(layer: QuantizedWeight, rows: tuple[int, int] | None, source: Slice | None, ckpt_name: str, reader, f) -> None:
+def _copy_quantized(
+    layer: QuantizedWeight | Fp8Linear, rows: tuple[int, int] | None, source: Slice | None, ckpt_name: str, reader, f
+) -> None:
     """Fill this rank's rows of a quantized layer from one checkpoint tensor: quantized as read from
     float weights (whole rows first, then cut, so that input slices keep their row's scale), or as
     stored when the file holds it quantized."""
@@ -238,14 +263,16 @@ def _copy_quantized(layer: QuantizedWeight, rows: tuple[int, int] | None, source
     if native is not None:
         if native != layer.kind:
             raise QuantizationError(f"{ckpt_name} is stored as {native} and cannot be served as {layer.kind}")
-        part: QuantRows = reader.quantized(ckpt_name, f)
+        part: QuantRows | Fp8Rows = read_checkpoint_rows(reader, ckpt_name, f) if native == "fp8" else reader.quantized(ckpt_name, f)
         if source is not None:
             part = part.narrow(*source)
     else:
         row_slice = source if source is not None and source[0] == 0 else None
-        weights = torch.empty(count if row_slice else shape[0], shape[1])
+        # fp8: read in the model dtype and quantized on the layer's device (the GPU); int8/int4: float32 on the CPU
+        fp8 = isinstance(layer, Fp8Linear)
+        weights = torch.empty(count if row_slice else shape[0], shape[1], dtype=layer.dtype if fp8 else torch.float32)
         reader.read_into(ckpt_name, weights, f, row_slice)
-        part = quantize(weights, layer.kind)
+        part = quantize_fp8(weights.to(layer.weight.device)) if fp8 else quantize(weights, layer.kind)
         if source is not None and source[0] == 1:
             part = part.narrow(*source)
     layer.load_rows(start, part)

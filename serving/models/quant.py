@@ -218,11 +218,21 @@ def require_cpu_kernels(quantization: str, device: torch.device, dtype: torch.dt
     when the format cannot run on this device."""
     if quantization == "none":
         return None
-    if quantization == "fp8":
-        raise QuantizationError(
-            f"quantization 'fp8' needs a CUDA GPU with FP8 matrix units, and this engine has no FP8 kernels yet; "
-            f"device is {device.type}: use 'int8' or 'int4' on CPU"
-        )
+    if quantization == "fp8":  # runs on torch._scaled_mm (serving/models/fp8.py), not on these kernels
+        if device.type != "cuda":
+            raise QuantizationError(
+                f"quantization 'fp8' needs a CUDA GPU with FP8 matrix units (compute capability 8.9 or newer); "
+                f"device is {device.type}: use 'int8' or 'int4' on CPU"
+            )
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise QuantizationError(
+                f"quantization 'fp8' needs a CUDA GPU with FP8 matrix units (compute capability 8.9 or newer); "
+                f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}: use quantization 'none'"
+            )
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise QuantizationError(f"quantization 'fp8' writes bfloat16 or float16 outputs; set dtype 'auto' or 'bfloat16', not {dtype}")
+        return None
     if device.type != "cpu":
         raise QuantizationError(
             f"quantization {quantization!r} runs on the CPU kernels only; device is {device.type}: use quantization 'none'"

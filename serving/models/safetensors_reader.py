@@ -5,7 +5,8 @@ model costs little more than the model itself. Format: an 8-byte little-endian h
 a JSON header {name: {dtype, shape, data_offsets}}, then the raw tensor bytes.
 
 A pre-quantized int8 checkpoint (compressed-tensors' per-channel W8A16: an I8 `X.weight` and a
-float `X.weight_scale` [rows, 1], w = q * scale) is read as quantized rows by `quantized`.
+float `X.weight_scale` [rows, 1], w = q * scale) is read as quantized rows by `quantized`; an FP8 one
+(an F8_E4M3 `X.weight` and its `X.weight_scale`) by serving/models/fp8.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
 }
 
 
@@ -52,13 +54,13 @@ class SafetensorsFile:
         return open(self.path, "rb")
 
     def keys(self) -> list[str]:
-        """Every tensor but the scales of int8 weights (they are read with their weight)."""
+        """Every tensor but the scales of int8 and FP8 weights (they are read with their weight)."""
         scales = {f"{name}_scale" for name in self.entries if self.native_kind(name)}
         return [name for name in self.entries if name not in scales]
 
     def native_kind(self, name: str) -> str | None:
-        """ "q8" for an int8 weight of a pre-quantized checkpoint, None for float tensors."""
-        return "q8" if self.entries[name]["dtype"] == "I8" else None
+        """ "q8" or "fp8" for an int8 or e4m3 weight of a pre-quantized checkpoint, None for float tensors."""
+        return {"I8": "q8", "F8_E4M3": "fp8"}.get(self.entries[name]["dtype"])
 
     def quantized(self, name: str, f) -> QuantRows:
         """An int8 weight and its per-row scale as quantized rows."""
@@ -88,9 +90,11 @@ class SafetensorsFile:
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
             raise ModelSourceError(f"{self.path.name}: tensor {name} has unsupported dtype {entry['dtype']}")
-        if target.is_floating_point() and not dtype.is_floating_point:
+        fp8 = dtype == torch.float8_e4m3fn
+        if (fp8 and target.dtype != dtype) or (target.is_floating_point() and not dtype.is_floating_point):  # values need their scale
+            served_as = "fp8" if fp8 else "int8"
             raise ModelSourceError(
-                f"{self.path.name}: tensor {name} is stored as {entry['dtype']}, a quantized checkpoint: serve it with quantization 'int8'"
+                f"{self.path.name}: tensor {name} is stored as {entry['dtype']}, a quantized checkpoint: serve it with quantization {served_as!r}"
             )
         shape = list(self.shape(name))
         start, end = entry["data_offsets"]
