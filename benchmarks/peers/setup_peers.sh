@@ -5,6 +5,10 @@
 #   $PEERS_DIR/models/SmolLM2-135M-Instruct-f32.gguf  the default model as F32 GGUF, converted with the
 #                        convert_hf_to_gguf.py that ships in llama-cpp-python's source distribution
 #                        (run in $PEERS_DIR/convert, a venv with its requirements)
+#   $PEERS_DIR/models/SmolLM2-135M-Instruct-q8_0.gguf  that F32 GGUF quantized to Q8_0 by llama.cpp's own
+#                        quantizer (llama_model_quantize, what its llama-quantize tool runs)
+# llama.cpp's Q4_1 in benchmarks/quant_bench.py is the embedded default's own GGUF, which the project keeps in
+# $MODEL_DIR (serving/models/source.py), so it is not made here.
 # The transformers baseline (benchmarks/peers/hf_server.py) runs in the project's own .venv.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -49,5 +53,22 @@ if [ ! -s "$GGUF" ]; then
         "$PEERS_DIR/convert/bin/pip" install -q "torch<=2.13" numpy sentencepiece "transformers>=4.57" "protobuf>=4.21"
     fi
     "$PEERS_DIR/convert/bin/python" "$SRC/vendor/llama.cpp/convert_hf_to_gguf.py" "$MODEL_DIR" --outtype f32 --outfile "$GGUF"
+fi
+Q8_0_GGUF="$PEERS_DIR/models/SmolLM2-135M-Instruct-q8_0.gguf"
+if [ ! -s "$Q8_0_GGUF" ]; then
+    echo "== Q8_0 GGUF"
+    # Written under another name and renamed once complete, so that an interrupted run is redone next time.
+    "$PEERS_DIR/llamacpp/bin/python" - "$GGUF" "$Q8_0_GGUF.part" <<'PY'
+import ctypes
+import sys
+
+import llama_cpp
+
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+if llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)) != 0:
+    sys.exit("llama_model_quantize failed")
+PY
+    mv "$Q8_0_GGUF.part" "$Q8_0_GGUF"
 fi
 echo "peers ready in $PEERS_DIR"
