@@ -7,7 +7,13 @@ Speed: every format (float32, int8, int4, the default model's own Q4_1 file serv
 stays loaded; each round runs all of them one after the other at batch 1, then at batch 32
 (prompts of 16 tokens, 128 output tokens each, ignore_eos), and the ratios to float32 are taken
 within each round, because this shared 2-core machine's speed drifts from minute to minute.
-Reported: the median over rounds of each ratio, and of tok/s. llama.cpp is not in this script yet.
+Reported: the median over rounds of each ratio, and of tok/s.
+
+llama.cpp's Q8_0 (converted from the same folder) and Q4_1 (the embedded default's own GGUF) run in the same
+rounds, after our formats at each batch size: one process each (benchmarks/peers/llamacpp_offline.py, in the
+peers' llama-cpp-python that benchmarks/peers/setup_peers.sh installs) on the same prompts, timed after its
+warm-up, its ratio taken to our float32 of that round. On by default when the peers are set up (--peers-dir);
+otherwise the run says so and goes on without them; --no-llamacpp leaves them out.
 
 Memory: the bytes of every weight a loaded model holds (parameters and buffers, the rotary tables
 left out), as a ratio to float32's.
@@ -22,16 +28,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from benchmarks import engine_bench
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
+from serving.models.source import gguf_file, resolve_model
 
 FORMATS = ("none", "int8", "int4", "gguf")
 HELD_IN = Path(__file__).resolve().parents[1] / "tests" / "data" / "held_in.txt"
+LLAMACPP_OFFLINE = Path(__file__).resolve().parent / "peers" / "llamacpp_offline.py"
 PROMPTS = [
     *engine_bench.PROMPTS,
     "The best way to learn a new language is",
@@ -66,20 +77,59 @@ def weight_bytes(llm: LLM) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
 
 
+def llamacpp_models(args: argparse.Namespace) -> dict[str, Path]:
+    """llama.cpp's rows (name: GGUF file), or none when left out or, unless asked for, not set up."""
+    if args.llamacpp is False:
+        return {}
+    models = {
+        "llama.cpp Q8_0": args.peers_dir / "models" / "SmolLM2-135M-Instruct-q8_0.gguf",
+        "llama.cpp Q4_1": gguf_file(resolve_model("default")),
+    }
+    missing = [str(path) for path in [args.peers_dir / "llamacpp" / "bin" / "python", *models.values()] if not path.exists()]
+    if not missing:
+        return models
+    message = f"llama.cpp is not set up (missing {', '.join(missing)}; run PEERS_DIR={args.peers_dir} benchmarks/peers/setup_peers.sh)"
+    if args.llamacpp:
+        raise SystemExit(message)
+    print(f"{message}: running without llama.cpp", flush=True)
+    return {}
+
+
+def llamacpp_tok_s(args: argparse.Namespace, model: Path, prompts_file: Path) -> float:
+    """Output tok/s of one timed llama.cpp run (after its warm-up) of the prompts in `prompts_file`."""
+    command = [str(args.peers_dir / "llamacpp" / "bin" / "python"), str(LLAMACPP_OFFLINE), str(model), str(prompts_file)]
+    command += [str(args.output_len), "1", "--threads", str(args.threads)]
+    run = subprocess.run(command, check=False, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"llama.cpp failed on {model} (exit {run.returncode}):\n{run.stderr[-3000:]}")
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT "))["tok_s"][0]
+
+
 def speed(args: argparse.Namespace) -> dict:
     ours = {q: engine(q, args.threads) for q in args.formats}
     memory = {q: weight_bytes(llm) for q, llm in ours.items()}
     tokenizer = ours[args.formats[0]].tokenizer
+    peers = llamacpp_models(args)
     rounds: dict[int, list[dict[str, float]]] = {b: [] for b in args.batch_sizes}
-    for r in range(args.rounds):
-        for batch in args.batch_sizes:
-            prompts = make_prompts(tokenizer, batch)
-            figures = {
-                q: len(prompts) * args.output_len / engine_bench.time_engine(llm, prompts, args.output_len) for q, llm in ours.items()
-            }
-            rounds[batch].append(figures)
-            print(f"round {r + 1} batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), flush=True)
-    result = {"memory_bytes": memory, "memory_vs_float32": {q: b / memory["none"] for q, b in memory.items()}, "batches": {}}
+    with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
+        for r in range(args.rounds):
+            for batch in args.batch_sizes:
+                prompts = make_prompts(tokenizer, batch)
+                prompts_file = Path(tmp) / f"prompts-{batch}.json"
+                prompts_file.write_text(json.dumps(prompts), encoding="utf-8")
+                figures = {
+                    q: len(prompts) * args.output_len / engine_bench.time_engine(llm, prompts, args.output_len) for q, llm in ours.items()
+                }
+                figures |= {name: llamacpp_tok_s(args, model, prompts_file) for name, model in peers.items()}
+                rounds[batch].append(figures)
+                print(f"round {r + 1} batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), flush=True)
+    result = {
+        "memory_bytes": memory,
+        "memory_vs_float32": {q: b / memory["none"] for q, b in memory.items()},
+        "llamacpp_models": {name: str(model) for name, model in peers.items()},
+        "batches": {},
+    }
     for batch, figures in rounds.items():
         names = list(figures[0])
         result["batches"][batch] = {
@@ -91,6 +141,20 @@ def speed(args: argparse.Namespace) -> dict:
             for name in names
         }
     return result
+
+
+def speed_table(result: dict) -> str:
+    """The speed result as a markdown table: per batch size, median tok/s (the rounds) and the ratio to float32."""
+    batches = result["batches"]
+    header = "| format | " + " | ".join(f"batch {b} tok/s (rounds) | vs float32" for b in batches) + " |"
+    lines = [header, "|" + " --- |" * (1 + 2 * len(batches))]
+    for name in next(iter(batches.values())):
+        cells = [
+            f"{row['tok_s']:.1f} ({', '.join(map(str, row['rounds']))}) | {row['vs_float32']:.2f}x"
+            for row in (figures[name] for figures in batches.values())
+        ]
+        lines.append(f"| {'float32' if name == 'none' else name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def perplexity(llm: LLM, text: str) -> tuple[float, int]:
@@ -131,7 +195,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the engine (and of llama.cpp)")
+    parser.add_argument(
+        "--llamacpp",
+        action=argparse.BooleanOptionalAction,
+        help="llama.cpp's Q8_0 and Q4_1 in every speed round (default: when the peers are set up in --peers-dir)",
+    )
+    parser.add_argument("--peers-dir", type=Path, default=Path(os.environ.get("PEERS_DIR", "/opt/peers")))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_bench.json"))
     args = parser.parse_args()
     if args.formats[0] != "none":
@@ -142,6 +212,8 @@ def main() -> None:
     out = args.out.with_name(args.out.stem + ("-quality" if args.quality else "") + args.out.suffix)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
+    if not args.quality:
+        print(speed_table(result))
 
 
 if __name__ == "__main__":
