@@ -8,7 +8,7 @@ checks the logits up to the softmax normaliser, on both the prefill and the page
 from __future__ import annotations
 
 import pytest
-from reference import load_reference, max_logprob_error, reference_greedy, reference_logprobs
+from reference import load_reference, max_logprob_error, output_summary, reference_greedy, reference_logprobs
 
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
@@ -76,6 +76,23 @@ def test_unpacked_layers_match_transformers(tiny_model, monkeypatch):
     llm = LLM(str(tiny_model), block_size=4, kv_cache_memory_gb=0.02, max_num_batched_tokens=16)
     assert not any(name.endswith("panels") for name, _ in llm.engine.runner.model.named_buffers())
     check_against_reference(llm, load_reference(tiny_model), PROMPTS[:4], max_tokens=8)
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+def test_fused_decode_steps_are_the_layer_by_layer_steps(tiny_model, quantization):
+    """A decode-only step goes through all the layers in one kernel call (cpu_layers.FusedDecode): the
+    same outputs, bit for bit, as the layers' own kernel calls, at batch 1 and with several sequences."""
+    llm = LLM(str(tiny_model), block_size=4, kv_cache_memory_gb=0.02, enable_prefix_caching=False, quantization=quantization)
+    model = llm.engine.runner.model
+    assert model.fused_decode is not None
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=5, ignore_eos=True)
+
+    def summaries(prompts: list[str]) -> list:
+        return [output_summary(o) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    fused = [summaries(PROMPTS[:1]), summaries(PROMPTS)]
+    model.fused_decode = None
+    assert [summaries(PROMPTS[:1]), summaries(PROMPTS)] == fused
 
 
 @pytest.mark.parametrize(

@@ -213,41 +213,51 @@ static void tile_quantized(const Weights *w, int64_t p, const float *x, int64_t 
 }
 
 /* Every product: out[M][N] = x W^T with either epilogue. Linear (gated = 0): + bias + residual,
- * panels of 16 columns. Gated: panels of 8 gate then 8 up columns, out[M][N] = silu(gate) * up. */
-static void run_panels(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
-                       const float *residual, float *out, int threads) {
+ * panels of 16 columns. Gated: panels of 8 gate then 8 up columns, out[M][N] = silu(gate) * up.
+ * out may be the residual itself (each element is read, then written, by the same thread).
+ * Shares the panels among the threads of the enclosing parallel region (or runs alone outside one);
+ * `scratch` is the calling thread's buffer of K * PANEL floats, needed for quantized weights above Q_ROWS rows. */
+static void panels_body(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
+                        const float *residual, float *out, float *scratch) {
     int64_t columns = gated ? 8 : PANEL, num_panels = (N + columns - 1) / columns;
     int expand = w->format != FORMAT_F32 && M > Q_ROWS;
-#pragma omp parallel num_threads(threads)
-    {
-        float *scratch = expand ? aligned_alloc(64, K * PANEL * sizeof(float)) : NULL;
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < num_panels; p++) {
-            int64_t col = p * columns, width = N - col < columns ? N - col : columns;
-            const float *panel = w->format == FORMAT_F32 ? (const float *)w->data + p * K * PANEL : scratch;
-            if (expand) expand_panel(w, p, K, scratch);
-            float acc[MAX_ROWS][PANEL], gated_row[8];
-            for (int64_t m = 0; m < M; m += MAX_ROWS) {
-                int rows = M - m < MAX_ROWS ? (int)(M - m) : MAX_ROWS;
-                if (panel != NULL)
-                    tile_any(x + m * K, K, panel, rows, acc);
-                else
-                    tile_quantized(w, p, x + m * K, K, rows, acc);
-                for (int r = 0; r < rows; r++) {
-                    float *o = out + (m + r) * N + col;
-                    if (gated) {
-                        __m256 gate = _mm256_loadu_ps(acc[r]), up = _mm256_loadu_ps(acc[r] + 8);
-                        __m256 sigmoid = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
-                        _mm256_storeu_ps(gated_row, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid), up));
-                        memcpy(o, gated_row, width * sizeof(float));
-                        continue;
-                    }
-                    const float *res = residual ? residual + (m + r) * N + col : NULL;
-                    for (int64_t c = 0; c < width; c++)
-                        o[c] = acc[r][c] + (bias ? bias[col + c] : 0.0f) + (res ? res[c] : 0.0f);
+    for (int64_t p = 0; p < num_panels; p++) {
+        int64_t col = p * columns, width = N - col < columns ? N - col : columns;
+        const float *panel = w->format == FORMAT_F32 ? (const float *)w->data + p * K * PANEL : scratch;
+        if (expand) expand_panel(w, p, K, scratch);
+        float acc[MAX_ROWS][PANEL], gated_row[8];
+        for (int64_t m = 0; m < M; m += MAX_ROWS) {
+            int rows = M - m < MAX_ROWS ? (int)(M - m) : MAX_ROWS;
+            if (panel != NULL)
+                tile_any(x + m * K, K, panel, rows, acc);
+            else
+                tile_quantized(w, p, x + m * K, K, rows, acc);
+            for (int r = 0; r < rows; r++) {
+                float *o = out + (m + r) * N + col;
+                if (gated) {
+                    __m256 gate = _mm256_loadu_ps(acc[r]), up = _mm256_loadu_ps(acc[r] + 8);
+                    __m256 sigmoid = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+                    _mm256_storeu_ps(gated_row, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid), up));
+                    memcpy(o, gated_row, width * sizeof(float));
+                    continue;
                 }
+                const float *res = residual ? residual + (m + r) * N + col : NULL;
+                for (int64_t c = 0; c < width; c++)
+                    o[c] = acc[r][c] + (bias ? bias[col + c] : 0.0f) + (res ? res[c] : 0.0f);
             }
         }
+    }
+}
+
+static float *panel_scratch(int64_t M, int64_t K) { return M > Q_ROWS ? aligned_alloc(64, K * PANEL * sizeof(float)) : NULL; }
+
+static void run_panels(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
+                       const float *residual, float *out, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *scratch = w->format != FORMAT_F32 ? panel_scratch(M, K) : NULL;
+        panels_body(w, x, M, K, N, gated, bias, residual, out, scratch);
         free(scratch);
     }
 }
@@ -272,9 +282,10 @@ void llm_quantized(const float *x, int64_t M, int64_t K, int format, const void 
     run_panels(&w, x, M, K, N, gated, bias, residual, out, threads);
 }
 
-/* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * weight, as Hugging Face's LlamaRMSNorm in float32. */
-void llm_rms_norm(const float *x, int64_t M, int64_t K, const float *weight, float eps, float *out, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 1 << 16)
+/* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * weight, as Hugging Face's LlamaRMSNorm in float32;
+ * rows shared among the threads of the enclosing parallel region. */
+static void rms_norm_body(const float *x, int64_t M, int64_t K, const float *weight, float eps, float *out) {
+#pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * K;
         __m256 squares = _mm256_setzero_ps();
@@ -290,6 +301,11 @@ void llm_rms_norm(const float *x, int64_t M, int64_t K, const float *weight, flo
         float inv = 1.0f / sqrtf(sum / (float)K + eps);
         for (k = 0; k < K; k++) out[m * K + k] = weight[k] * (row[k] * inv);
     }
+}
+
+void llm_rms_norm(const float *x, int64_t M, int64_t K, const float *weight, float eps, float *out, int threads) {
+#pragma omp parallel num_threads(threads) if (M * K >= 1 << 16)
+    rms_norm_body(x, M, K, weight, eps, out);
 }
 
 static inline float hsum(__m256 v) {
@@ -353,11 +369,11 @@ static void weighted_values(const float *p, int64_t n, const float *v_cache, con
  * q: [B] rows q_stride floats apart, each [H][D]; out: [B][H][D]; k_cache, v_cache: [blocks][block_size][KVH][D]; block_tables: [B][max_blocks];
  * context_lens[b] keys are attended to (the new token's own key is already in the cache).
  * The H / KVH query heads sharing a KV head are computed together, one task per (sequence, KV head). */
-void llm_decode_attention(const float *q, int64_t q_stride, int64_t B, int64_t H, int64_t KVH, int64_t D, const float *k_cache,
-                          const float *v_cache, int64_t block_size, const int64_t *block_tables, int64_t max_blocks,
-                          const int64_t *context_lens, float scale, float *out, int threads) {
+static void decode_attention_body(const float *q, int64_t q_stride, int64_t B, int64_t H, int64_t KVH, int64_t D, const float *k_cache,
+                                  const float *v_cache, int64_t block_size, const int64_t *block_tables, int64_t max_blocks,
+                                  const int64_t *context_lens, float scale, float *out) {
     int64_t group = H / KVH;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t g = 0; g < KVH; g++) {
             int64_t n = context_lens[b];
@@ -385,14 +401,21 @@ void llm_decode_attention(const float *q, int64_t q_stride, int64_t B, int64_t H
     }
 }
 
+void llm_decode_attention(const float *q, int64_t q_stride, int64_t B, int64_t H, int64_t KVH, int64_t D, const float *k_cache,
+                          const float *v_cache, int64_t block_size, const int64_t *block_tables, int64_t max_blocks,
+                          const int64_t *context_lens, float scale, float *out, int threads) {
+#pragma omp parallel num_threads(threads)
+    decode_attention_body(q, q_stride, B, H, KVH, D, k_cache, v_cache, block_size, block_tables, max_blocks, context_lens, scale, out);
+}
+
 /* Rotary embedding of q and k in place, then k and v into the paged cache, for T new tokens.
  * qkv: [T][(H + 2 KVH) D] (q heads, k heads, v heads); cos, sin: [T][D] for each token's position,
  * sin's first half negated (rotate-half layout: x' = x cos + roll(x, D/2) sin); slots: [T] cache
  * slots (block * block_size + offset) into k_cache, v_cache: [slots][KVH][D]. */
-void llm_rope_store(float *qkv, int64_t T, int64_t H, int64_t KVH, int64_t D, const float *cos, const float *sin,
-                    const int64_t *slots, float *k_cache, float *v_cache, int threads) {
+static void rope_store_body(float *qkv, int64_t T, int64_t H, int64_t KVH, int64_t D, const float *cos, const float *sin,
+                            const int64_t *slots, float *k_cache, float *v_cache) {
     int64_t width = (H + 2 * KVH) * D, half = D / 2;
-#pragma omp parallel for schedule(static) num_threads(threads) if (T >= 16)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         float *row = qkv + t * width, x[D];
         const float *c = cos + t * D, *s = sin + t * D;
@@ -405,4 +428,54 @@ void llm_rope_store(float *qkv, int64_t T, int64_t H, int64_t KVH, int64_t D, co
         memcpy(k_cache + slots[t] * KVH * D, row + H * D, sizeof(float) * KVH * D);
         memcpy(v_cache + slots[t] * KVH * D, row + (H + KVH) * D, sizeof(float) * KVH * D);
     }
+}
+
+void llm_rope_store(float *qkv, int64_t T, int64_t H, int64_t KVH, int64_t D, const float *cos, const float *sin,
+                    const int64_t *slots, float *k_cache, float *v_cache, int threads) {
+#pragma omp parallel num_threads(threads) if (T >= 16)
+    rope_store_body(qkv, T, H, KVH, D, cos, sin, slots, k_cache, v_cache);
+}
+
+/* One decoder layer's weights on the kernels (panels as llm_linear / llm_gate_up / llm_quantized take them). */
+typedef struct {
+    const float *input_norm, *post_norm; /* [hidden] */
+    Weights qkv, o, gate_up, down;
+    const float *qkv_bias; /* [(H + 2 KVH) D] or NULL */
+    float *k_cache, *v_cache;
+} Layer;
+
+/* A decode-only step through L decoder layers in one parallel region: x [B][hidden] (one new token per
+ * sequence) is updated in place. Each layer runs the same bodies as the separate calls above, in the
+ * same order, so the result is the same bit for bit: RMSNorm, qkv, rotary + cache write, attention
+ * over the paged cache, o_proj + residual, RMSNorm, gate/up, down + residual. cos, sin [B][D] as in
+ * llm_rope_store; slots, block tables and context lengths as in llm_rope_store / llm_decode_attention.
+ * The worksharing loops' barriers order the stages; there is no other synchronisation. */
+void llm_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t H, int64_t KVH, int64_t D,
+                       int64_t inter, float eps, const float *cos, const float *sin, const int64_t *slots, int64_t block_size,
+                       const int64_t *block_tables, int64_t max_blocks, const int64_t *context_lens, float scale, int threads) {
+    int64_t qkv_width = (H + 2 * KVH) * D, widest = inter > hidden ? inter : hidden;
+    widest = H * D > widest ? H * D : widest;
+    float *h = malloc(sizeof(float) * B * hidden), *qkv = malloc(sizeof(float) * B * qkv_width);
+    float *attn = malloc(sizeof(float) * B * H * D), *gated = malloc(sizeof(float) * B * inter);
+#pragma omp parallel num_threads(threads)
+    {
+        float *scratch = panel_scratch(B, widest);
+        for (int64_t l = 0; l < L; l++) {
+            const Layer *layer = layers + l;
+            rms_norm_body(x, B, hidden, layer->input_norm, eps, h);
+            panels_body(&layer->qkv, h, B, hidden, qkv_width, 0, layer->qkv_bias, NULL, qkv, scratch);
+            rope_store_body(qkv, B, H, KVH, D, cos, sin, slots, layer->k_cache, layer->v_cache);
+            decode_attention_body(qkv, qkv_width, B, H, KVH, D, layer->k_cache, layer->v_cache, block_size, block_tables, max_blocks,
+                                  context_lens, scale, attn);
+            panels_body(&layer->o, attn, B, H * D, hidden, 0, NULL, x, x, scratch);
+            rms_norm_body(x, B, hidden, layer->post_norm, eps, h);
+            panels_body(&layer->gate_up, h, B, hidden, inter, 1, NULL, NULL, gated, scratch);
+            panels_body(&layer->down, gated, B, inter, hidden, 0, NULL, x, x, scratch);
+        }
+        free(scratch);
+    }
+    free(h);
+    free(qkv);
+    free(attn);
+    free(gated);
 }

@@ -39,9 +39,33 @@ _SIGNATURES = {
     "decode_attention": [_POINTER, *[_SIZE] * 5, _POINTER, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER, _FLOAT, _POINTER, _INT],
     "rope_store": [_POINTER, *[_SIZE] * 4, *[_POINTER] * 5, _INT],
     "quantized": [_POINTER, _SIZE, _SIZE, _INT, _POINTER, _POINTER, _POINTER, _SIZE, _SIZE, _INT, _POINTER, _POINTER, _POINTER, _INT],
+    "decode_layers": [_POINTER, _SIZE, _POINTER, *[_SIZE] * 6, _FLOAT, *[_POINTER] * 3, _SIZE, _POINTER, _SIZE, _POINTER, _FLOAT, _INT],
 }
 # weight formats of llm_quantized (FORMAT_* in cpu_kernels.c)
 QUANTIZED_FORMATS = {"q8": 1, "q4": 2}
+FLOAT_FORMAT = 0
+
+
+class PanelWeights(ctypes.Structure):
+    """`Weights` in cpu_kernels.c: one matrix's panels, float32 (FLOAT_FORMAT, no scales) or quantized."""
+
+    _fields_ = [("format", _INT), ("data", _POINTER), ("scales", _POINTER), ("mins", _POINTER), ("group", _SIZE)]
+
+
+class DecodeLayer(ctypes.Structure):
+    """`Layer` in cpu_kernels.c: the addresses of one decoder layer's weights and KV cache."""
+
+    _fields_ = [
+        ("input_norm", _POINTER),
+        ("post_norm", _POINTER),
+        ("qkv", PanelWeights),
+        ("o", PanelWeights),
+        ("gate_up", PanelWeights),
+        ("down", PanelWeights),
+        ("qkv_bias", _POINTER),
+        ("k_cache", _POINTER),
+        ("v_cache", _POINTER),
+    ]
 
 
 class CpuKernels:
@@ -58,6 +82,7 @@ class CpuKernels:
             library.llm_rope_store,
         )
         self._quantized = library.llm_quantized
+        self._decode_layers = library.llm_decode_layers
 
     def linear(
         self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None
@@ -144,6 +169,29 @@ class CpuKernels:
         self._rope_store(
             qkv.data_ptr(), t, heads, kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
             k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+
+    def decode_layers(
+        self,
+        layers: ctypes.Array,
+        x: torch.Tensor,
+        shape: tuple[int, int, int, int],
+        eps: float,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        slots: torch.Tensor,
+        block_size: int,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """A decode-only step through every layer of `layers` (DecodeLayer structs) in one call, x [B, hidden]
+        updated in place; shape is (heads, kv_heads, head_dim, intermediate size), rope cos/sin [B, D]."""
+        b, hidden = x.shape
+        heads, kv_heads, head_dim, intermediate = shape
+        self._decode_layers(
+            layers, len(layers), x.data_ptr(), b, hidden, heads, kv_heads, head_dim, intermediate, eps, rope[0].data_ptr(),
+            rope[1].data_ptr(), slots.data_ptr(), block_size, block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
+            scale, torch.get_num_threads(),
         )  # fmt: skip
 
 

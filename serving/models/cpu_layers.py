@@ -4,7 +4,9 @@ the reference model is built and loaded.
 Linears run on weights packed into 16-column panels, with the bias, the residual add after
 o_proj/down_proj and the SiLU gate product fused into the same call; RMSNorm runs as one call;
 attention applies rotary and writes the cache in one call and runs its decodes on the paged cache in
-place. Why our kernels and not torch's, with measurements: benchmarks/README.md, "Engine on CPU".
+place. A step with no prefill chunk (every token a decode) goes through all the layers in one call
+instead (`FusedDecode`), on one parallel region, with no Python between the layers' kernels. Why our
+kernels and not torch's, with measurements: benchmarks/README.md, "Engine on CPU".
 """
 
 from __future__ import annotations
@@ -13,8 +15,16 @@ import torch
 from torch import nn
 
 from serving.models.attention import AttentionMetadata, prefill_attention
-from serving.models.cpu_kernels import CpuKernels, to_gate_up_panels, to_panels
-from serving.models.llama import Attention, GateUpProjection, LlamaForCausalLM, RMSNorm, row_parallel
+from serving.models.cpu_kernels import (
+    FLOAT_FORMAT,
+    QUANTIZED_FORMATS,
+    CpuKernels,
+    DecodeLayer,
+    PanelWeights,
+    to_gate_up_panels,
+    to_panels,
+)
+from serving.models.llama import Attention, DecoderLayer, GateUpProjection, LlamaForCausalLM, RMSNorm, row_parallel
 from serving.models.quant import QuantEmbedding, QuantLinear
 
 
@@ -101,6 +111,72 @@ class KernelAttention(nn.Module):
         return row_parallel(self.o_proj, out.reshape(t, self.q_size), residual, self.tp)
 
 
+class FusedDecode:
+    """Runs a decode-only step through all of a model's layers in one kernel call (llm_decode_layers):
+    the same kernels, in the same order, as the layers' own forward passes, so the same results.
+
+    It holds the addresses of every layer's weights, read once here (the weights do not move once
+    packed), and adds the KV caches' addresses when it first sees a cache list.
+    """
+
+    def __init__(self, layers: list[DecoderLayer], intermediate_size: int, kernels: CpuKernels) -> None:
+        attention = layers[0].self_attn
+        self.kernels = kernels
+        self.shape = (attention.num_heads, attention.num_kv_heads, attention.head_dim, intermediate_size)
+        self.eps, self.scale = layers[0].input_layernorm.eps, attention.scale
+        self.layers = (DecodeLayer * len(layers))(*(_decode_layer(layer) for layer in layers))
+        self.caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        if kv_caches is not self.caches:
+            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+                layer.k_cache, layer.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+            self.caches = kv_caches
+        x = x.contiguous().clone()  # updated in place, and the caller's tensor (an embedding or a received stage input) is not ours
+        cos, sin = (table.reshape(x.shape[0], -1) for table in rope)
+        block_size = kv_caches[0][0].shape[1]
+        self.kernels.decode_layers(
+            self.layers, x, self.shape, self.eps, (cos, sin), meta.slot_mapping, block_size, meta.decode_block_tables,
+            meta.decode_context_lens, self.scale,
+        )  # fmt: skip
+        return x
+
+    @staticmethod
+    def supports(layers: list[DecoderLayer]) -> bool:
+        """Whether every layer is on the kernels with the shapes llm_decode_layers takes (projections without
+        biases but qkv's, one rank: a TP rank must all-reduce between the layers' halves)."""
+        for layer in layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            if not isinstance(attention, KernelAttention) or attention.tp.size != 1 or attention.o_proj.bias is not None:
+                return False
+            if mlp.down_proj.bias is not None or not isinstance(layer.input_layernorm, KernelRMSNorm):
+                return False
+        return True
+
+
+def _panel_weights(linear: nn.Module) -> PanelWeights:
+    if isinstance(linear, QuantLinear):
+        mins = None if linear.mins is None else linear.mins.data_ptr()
+        return PanelWeights(QUANTIZED_FORMATS[linear.kind], linear.data.data_ptr(), linear.scales.data_ptr(), mins, linear.group)
+    return PanelWeights(FLOAT_FORMAT, linear.panels.data_ptr(), None, None, 0)
+
+
+def _decode_layer(layer: DecoderLayer) -> DecodeLayer:
+    attention, mlp = layer.self_attn, layer.mlp
+    bias = attention.qkv_proj.bias
+    return DecodeLayer(
+        layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(), _panel_weights(attention.qkv_proj),
+        _panel_weights(attention.o_proj), _panel_weights(mlp.gate_up_proj), _panel_weights(mlp.down_proj),
+        None if bias is None else bias.data_ptr(), None, None,
+    )  # fmt: skip
+
+
 def _tied_lm_head(embedding: nn.Module) -> nn.Module:
     """An LM head over the input embedding's rows, to be packed into panels: a second copy of float
     rows, the same copy of quantized ones."""
@@ -114,8 +190,9 @@ def _tied_lm_head(embedding: nn.Module) -> nn.Module:
 def use_cpu_kernels(model: LlamaForCausalLM, kernels: CpuKernels) -> None:
     """Run a float32 CPU model on the kernels, in place: every nn.Linear becomes its panel version
     (GateUpProjection a PanelGateUp, any other a PanelLinear), every quantized linear is packed into
-    its panels, every RMSNorm a KernelRMSNorm, every Attention a KernelAttention. A last stage with
-    tied embeddings gets an LM head of its own first, so that the logits run on panels too.
+    its panels, every RMSNorm a KernelRMSNorm, every Attention a KernelAttention, and decode-only steps
+    go through the layers in one call (`FusedDecode`) where the layers allow. A last stage with tied
+    embeddings gets an LM head of its own first, so that the logits run on panels too.
 
     Only names are collected up front, so each original weight is freed as soon as it is packed
     and peak memory grows by one layer, not by the whole model.
@@ -140,3 +217,5 @@ def use_cpu_kernels(model: LlamaForCausalLM, kernels: CpuKernels) -> None:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.pack(kernels)
+    if len(model.layers) and FusedDecode.supports(list(model.layers)):
+        model.fused_decode = FusedDecode(list(model.layers), model.arch.intermediate_size, kernels)

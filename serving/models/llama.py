@@ -7,6 +7,7 @@ fused into one matrix each (the loader concatenates the checkpoint's separate we
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +197,9 @@ class LlamaForCausalLM(nn.Module):
         has_own_head = stage.is_last and not arch.tie_word_embeddings
         self.lm_head = nn.Linear(arch.hidden_size, local_vocab, bias=False) if has_own_head else None
         self.rotary = RotaryEmbedding(arch, max_positions)
+        # all the layers of a decode-only step in one call, (x, rope, kv_caches, meta) -> x; set where the
+        # layers run on the CPU kernels (cpu_layers.use_cpu_kernels)
+        self.fused_decode: Callable[..., torch.Tensor] | None = None
         vocab_rows = WeightSlices(None, (_split(tp, 0, self.vocab_start, local_vocab),))
         for layer in (self.embed_tokens, self.lm_head):
             if layer is not None:
@@ -215,9 +219,12 @@ class LlamaForCausalLM(nn.Module):
         """
         x = self._embed(input_ids) if hidden is None else hidden
         rope = self.rotary(positions, x.dtype)
-        meta.prepare_decode_mask(kv_caches[0][0].shape[1], x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
+        if self.fused_decode is not None and not meta.prefills:
+            x = self.fused_decode(x, rope, kv_caches, meta)
+        else:
+            meta.prepare_decode_mask(kv_caches[0][0].shape[1], x.dtype)
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                x = layer(x, rope, kv_cache, meta)
         return self.norm(x) if self.norm is not None else x
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
