@@ -29,6 +29,13 @@ def q8_groups_of_32(weight: torch.Tensor) -> QuantRows:
 
 
 FORMATS = {"int8": lambda w: quantize(w, "q8"), "int4": lambda w: quantize(w, "q4"), "q8_0": q8_groups_of_32}
+IN_REGISTERS = 4  # Q_ROWS in cpu_kernels.c: up to this many rows the weights are expanded in registers
+
+
+def exact_path(batch: int) -> bool:
+    """Whether the kernels give the float kernel's results bit for bit: always with the AVX2 tiles, and
+    above IN_REGISTERS rows with the AVX-512 ones (which take the scales out of the inner loop)."""
+    return batch > IN_REGISTERS or torch.backends.cpu.get_cpu_capability() != "AVX512"
 
 
 def linear(rows: QuantRows, bias: bool, gated: bool) -> QuantLinear:
@@ -50,10 +57,11 @@ def test_quantized_linear_is_the_float_kernel_over_dequantized_weights(fmt, batc
     weight = rows.dequantize()
     x, residual = torch.randn(batch, in_features), torch.randn(batch, out_features)
     out = layer(x, residual)
-    # weights expanded exactly as dequantize() does, products summed in the same order as the float kernel
-    assert torch.equal(out, load_cpu_kernels().linear(x, to_panels(weight), out_features, layer.bias.data, residual))
+    if exact_path(batch):  # weights expanded exactly as dequantize() does, summed in the float kernel's order
+        assert torch.equal(out, load_cpu_kernels().linear(x, to_panels(weight), out_features, layer.bias.data, residual))
     expected = x.double() @ weight.double().T + layer.bias.double() + residual.double()
-    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    bound = x.double().abs() @ weight.double().abs().T + layer.bias.double().abs() + residual.double().abs()
+    assert ((out.double() - expected).abs() <= 1e-6 * bound).all()  # float32 rounding (eps 1.2e-7) of these sums
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -66,7 +74,8 @@ def test_quantized_gate_up_is_the_silu_product_of_dequantized_weights(fmt, batch
     x = torch.randn(batch, in_features)
     out = layer(x)
     assert out.shape == (batch, width)
-    assert torch.equal(out, load_cpu_kernels().gate_up(x, to_gate_up_panels(gate, up), width))
+    if exact_path(batch):
+        assert torch.equal(out, load_cpu_kernels().gate_up(x, to_gate_up_panels(gate, up), width))
     expected = F.silu(x.double() @ gate.double().T) * (x.double() @ up.double().T)
     assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 

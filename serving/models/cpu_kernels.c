@@ -83,11 +83,12 @@ static inline __m256 exp256(__m256 x) {
  * Q4: 4-bit q in 0..15, w = q * d + m per column and 32 k (GGUF's Q4_1; Q4_0 is m = -8 d). data
  *     [P][K/32][16][16] bytes: byte j of a group holds k = j (low nibble) and k = j + 16 (high), one
  *     byte per column; d, m [P][K/32][16] float16.
- * The weights are expanded to float32 exactly as GGUF's reference dequantization does (a multiply,
- * then an add), and products are summed in k order, so a quantized model gives the float model's
- * results bit for bit. Up to Q_ROWS rows of x they are expanded in registers; above that each panel
- * is expanded once into a per-thread buffer and the float tile runs over it (measured faster from
- * 5 rows on, benchmarks/README.md).
+ * Up to Q_ROWS rows of x the weights are expanded in registers (below: the AVX2 tiles; the AVX-512
+ * tiles further down take the scales out of the inner loop); above that each panel is expanded once
+ * into a per-thread buffer and the float tile runs over it (measured faster from 5 rows on,
+ * benchmarks/README.md). Expanding is exactly GGUF's reference dequantization (a multiply, then an
+ * add), so the expanded path and the AVX2 tiles, which sum in k order, give the float kernel's
+ * results over the dequantized weights bit for bit.
  */
 enum { FORMAT_F32 = 0, FORMAT_Q8 = 1, FORMAT_Q4 = 2 };
 #define Q_ROWS 4
@@ -190,25 +191,113 @@ static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_
     }
 }
 
+#ifdef __AVX512F__
+/* With AVX-512 (compiled in where the CPU has it) a panel's 16 columns are one register, and the
+ * scales come out of the inner loop: sum_k x_k (q_k s) = s sum_k x_k q_k per Q8 group, and
+ * sum_k x_k (q_k d + m) = d sum_k x_k q_k + m sum_k x_k per Q4 group. Each row keeps CHAINS partial
+ * sums over interleaved k, so the adds do not wait on one another's latency. This is the float
+ * model's result to float32 rounding, not bit for bit: the order of the sums differs. */
+#define CHAINS 4
+
+static inline __m512 q8_zmm(const int8_t *q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))); }
+static inline __m512 q4_zmm(__m128i nibbles) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles)); }
+
+static inline __attribute__((always_inline)) void tile_q8_512(const float *x, int64_t K, const int8_t *q, const float *scales,
+                                                              int64_t group, int rows, float acc[MAX_ROWS][PANEL]) {
+    __m512 total[Q_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) total[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < K; g += group) {
+        __m512 part[Q_ROWS][CHAINS];
+#pragma GCC unroll 16
+        for (int i = 0; i < rows * CHAINS; i++) part[i / CHAINS][i % CHAINS] = _mm512_setzero_ps();
+        int64_t k = g;
+        for (; k + CHAINS <= g + group; k += CHAINS) {
+#pragma GCC unroll 4
+            for (int c = 0; c < CHAINS; c++) {
+                __m512 w = q8_zmm(q + (k + c) * PANEL);
+#pragma GCC unroll 4
+                for (int r = 0; r < rows; r++) part[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + c]), w, part[r][c]);
+            }
+        }
+        for (; k < g + group; k++) {
+            __m512 w = q8_zmm(q + k * PANEL);
+#pragma GCC unroll 4
+            for (int r = 0; r < rows; r++) part[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), w, part[r][0]);
+        }
+        __m512 s = _mm512_loadu_ps(scales + (g / group) * PANEL);
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++) {
+            __m512 sum = _mm512_add_ps(_mm512_add_ps(part[r][0], part[r][1]), _mm512_add_ps(part[r][2], part[r][3]));
+            total[r] = _mm512_fmadd_ps(sum, s, total[r]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) _mm512_storeu_ps(acc[r], total[r]);
+}
+
+static inline __attribute__((always_inline)) void tile_q4_512(const float *x, int64_t K, const uint8_t *q, const uint16_t *d,
+                                                              const uint16_t *m, int rows, float acc[MAX_ROWS][PANEL]) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m512 total[Q_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) total[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < K / 32; g++) {
+        __m512 part[Q_ROWS][CHAINS];
+#pragma GCC unroll 16
+        for (int i = 0; i < rows * CHAINS; i++) part[i / CHAINS][i % CHAINS] = _mm512_setzero_ps();
+        const float *xg = x + g * 32;
+#pragma GCC unroll 2
+        for (int j = 0; j < 16; j += 2) {
+#pragma GCC unroll 2
+            for (int c = 0; c < 2; c++) {
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (g * 16 + j + c) * PANEL));
+                __m512 first = q4_zmm(_mm_and_si128(bytes, low4)), second = q4_zmm(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
+#pragma GCC unroll 4
+                for (int r = 0; r < rows; r++) {
+                    part[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(xg[r * K + j + c]), first, part[r][c]);
+                    part[r][2 + c] = _mm512_fmadd_ps(_mm512_set1_ps(xg[r * K + j + c + 16]), second, part[r][2 + c]);
+                }
+            }
+        }
+        __m512 dg = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + g * PANEL)));
+        __m512 mg = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + g * PANEL)));
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++) {
+            __m512 sum = _mm512_add_ps(_mm512_add_ps(part[r][0], part[r][1]), _mm512_add_ps(part[r][2], part[r][3]));
+            float xsum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xg + r * K), _mm512_loadu_ps(xg + r * K + 16)));
+            total[r] = _mm512_fmadd_ps(mg, _mm512_set1_ps(xsum), _mm512_fmadd_ps(sum, dg, total[r]));
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) _mm512_storeu_ps(acc[r], total[r]);
+}
+#define TILE_Q8 tile_q8_512
+#define TILE_Q4 tile_q4_512
+#else
+#define TILE_Q8 tile_q8
+#define TILE_Q4 tile_q4
+#endif
+
 static void tile_quantized(const Weights *w, int64_t p, const float *x, int64_t K, int rows, float acc[MAX_ROWS][PANEL]) {
     if (w->format == FORMAT_Q8) {
         const int8_t *q = (const int8_t *)w->data + p * K * PANEL;
         const float *s = (const float *)w->scales + p * (K / w->group) * PANEL;
         switch (rows) {
-        case 1: tile_q8(x, K, q, s, w->group, 1, acc); break;
-        case 2: tile_q8(x, K, q, s, w->group, 2, acc); break;
-        case 3: tile_q8(x, K, q, s, w->group, 3, acc); break;
-        default: tile_q8(x, K, q, s, w->group, 4, acc); break;
+        case 1: TILE_Q8(x, K, q, s, w->group, 1, acc); break;
+        case 2: TILE_Q8(x, K, q, s, w->group, 2, acc); break;
+        case 3: TILE_Q8(x, K, q, s, w->group, 3, acc); break;
+        default: TILE_Q8(x, K, q, s, w->group, 4, acc); break;
         }
         return;
     }
     const uint8_t *q = (const uint8_t *)w->data + p * (K / 2) * PANEL;
     const uint16_t *d = (const uint16_t *)w->scales + p * (K / 32) * PANEL, *m = (const uint16_t *)w->mins + p * (K / 32) * PANEL;
     switch (rows) {
-    case 1: tile_q4(x, K, q, d, m, 1, acc); break;
-    case 2: tile_q4(x, K, q, d, m, 2, acc); break;
-    case 3: tile_q4(x, K, q, d, m, 3, acc); break;
-    default: tile_q4(x, K, q, d, m, 4, acc); break;
+    case 1: TILE_Q4(x, K, q, d, m, 1, acc); break;
+    case 2: TILE_Q4(x, K, q, d, m, 2, acc); break;
+    case 3: TILE_Q4(x, K, q, d, m, 3, acc); break;
+    default: TILE_Q4(x, K, q, d, m, 4, acc); break;
     }
 }
 
