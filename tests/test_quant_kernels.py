@@ -3,6 +3,8 @@ over the same dequantized weights, and the layouts they read."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,3 +109,25 @@ def test_input_slices_keep_the_rows_scales_and_sum_to_the_whole():
         assert torch.allclose(parts, whole, atol=1e-4)
     with pytest.raises(Exception, match="groups"):
         quantize(weight, "q4").narrow(1, 16, 64)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="this CPU runs only the AVX2 build")
+@pytest.mark.parametrize("batch", [1, 3, 7, 32])
+def test_avx2_and_avx512_builds_agree(batch):
+    """Machines without AVX-512 run the AVX2 tiles: on this one both builds run, and the float tiles of the
+    two sum in the same order (the same bits), the quantized ones within float32 rounding of each other."""
+    narrow = cpu_kernels.CpuKernels(ctypes.CDLL(str(cpu_kernels.build(avx512=False))))
+    wide = load_cpu_kernels()
+    x, weight = torch.randn(batch, 96), torch.randn(40, 96)  # 40 outputs: an odd number of panels, the last partial
+    panels, gate_up = to_panels(weight), to_gate_up_panels(*weight.chunk(2))
+    assert torch.equal(narrow.linear(x, panels, 40, None, None), wide.linear(x, panels, 40, None, None))
+    assert torch.equal(narrow.gate_up(x, gate_up, 20), wide.gate_up(x, gate_up, 20))
+    for to_rows in FORMATS.values():
+        rows = to_rows(weight)
+        layer = linear(rows, bias=False, gated=False)
+        outs = []
+        for kernels in (narrow, wide):
+            layer.kernels = kernels
+            outs.append(layer(x))
+        bound = x.double().abs() @ rows.dequantize().double().abs().T
+        assert ((outs[0].double() - outs[1].double()).abs() <= 1e-6 * bound).all()

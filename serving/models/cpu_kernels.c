@@ -19,12 +19,59 @@
 #include <string.h>
 
 #define PANEL 16
+
+#ifdef __AVX512F__
+/* With AVX-512 a panel's 16 columns are one register, and a tile is up to 12 rows: 12 accumulators,
+ * one weight load and 12 broadcasts per k. */
+#define MAX_ROWS 12
+#define TILE_PANELS 2
+#define ACC_WIDTH (TILE_PANELS * PANEL)
+
+static inline __attribute__((always_inline)) void tile(const float *x, int64_t K, const float *panel, int rows,
+                                                       float acc[][ACC_WIDTH]) {
+    __m512 sums[MAX_ROWS];
+#pragma GCC unroll 12
+    for (int r = 0; r < rows; r++) sums[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 w = _mm512_loadu_ps(panel + k * PANEL);
+#pragma GCC unroll 12
+        for (int r = 0; r < rows; r++) sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), w, sums[r]);
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < rows; r++) _mm512_storeu_ps(acc[r], sums[r]);
+}
+
+/* Two panels at once (acc[r][0..15] from `panel`, [16..31] from `second`): each broadcast of x feeds
+ * two FMAs, 14 loads per 24 FMAs instead of 13 per 12. */
+static inline __attribute__((always_inline)) void tile2(const float *x, int64_t K, const float *panel, const float *second, int rows,
+                                                        float acc[][ACC_WIDTH]) {
+    __m512 sums[MAX_ROWS], sums2[MAX_ROWS];
+#pragma GCC unroll 12
+    for (int r = 0; r < rows; r++) sums[r] = sums2[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 w = _mm512_loadu_ps(panel + k * PANEL), w2 = _mm512_loadu_ps(second + k * PANEL);
+#pragma GCC unroll 12
+        for (int r = 0; r < rows; r++) {
+            __m512 xk = _mm512_set1_ps(x[r * K + k]);
+            sums[r] = _mm512_fmadd_ps(xk, w, sums[r]);
+            sums2[r] = _mm512_fmadd_ps(xk, w2, sums2[r]);
+        }
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < rows; r++) {
+        _mm512_storeu_ps(acc[r], sums[r]);
+        _mm512_storeu_ps(acc[r] + PANEL, sums2[r]);
+    }
+}
+#else
 #define MAX_ROWS 6
+#define TILE_PANELS 1
+#define ACC_WIDTH PANEL
 
 /* acc[r] = x[r] . panel for `rows` rows of x; rows is a constant after inlining, so the
    accumulators stay in registers. */
 static inline __attribute__((always_inline)) void tile(const float *x, int64_t K, const float *panel, int rows,
-                                                       float acc[MAX_ROWS][PANEL]) {
+                                                       float acc[][ACC_WIDTH]) {
     __m256 lo[MAX_ROWS], hi[MAX_ROWS];
 #pragma GCC unroll 8
     for (int r = 0; r < rows; r++) {
@@ -47,16 +94,34 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t K
         _mm256_storeu_ps(acc[r] + 8, hi[r]);
     }
 }
+#endif
 
-static void tile_any(const float *x, int64_t K, const float *panel, int rows, float acc[MAX_ROWS][PANEL]) {
+/* acc = x . panels for `count` (1 or TILE_PANELS) panels. Every tile sums each output's products in k
+ * order, one FMA at a time: the same bits whichever tile runs. */
+#define ROWS_CASE(n) \
+    case n: \
+        if (count == 2) \
+            tile2(x, K, panels[0], panels[1], n, acc); \
+        else \
+            tile(x, K, panels[0], n, acc); \
+        break;
+static void tile_group(const float *x, int64_t K, const float *const *panels, int count, int rows, float acc[][ACC_WIDTH]) {
+#if TILE_PANELS == 2
     switch (rows) {
-    case 1: tile(x, K, panel, 1, acc); break;
-    case 2: tile(x, K, panel, 2, acc); break;
-    case 3: tile(x, K, panel, 3, acc); break;
-    case 4: tile(x, K, panel, 4, acc); break;
-    case 5: tile(x, K, panel, 5, acc); break;
-    default: tile(x, K, panel, 6, acc); break;
+        ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6)
+        ROWS_CASE(7) ROWS_CASE(8) ROWS_CASE(9) ROWS_CASE(10) ROWS_CASE(11) default: ROWS_CASE(12)
     }
+#else
+    (void)count;
+    switch (rows) {
+    case 1: tile(x, K, panels[0], 1, acc); break;
+    case 2: tile(x, K, panels[0], 2, acc); break;
+    case 3: tile(x, K, panels[0], 3, acc); break;
+    case 4: tile(x, K, panels[0], 4, acc); break;
+    case 5: tile(x, K, panels[0], 5, acc); break;
+    default: tile(x, K, panels[0], 6, acc); break;
+    }
+#endif
 }
 
 /* e^x to about 1 ulp (Cephes' expf polynomial), for x in [-88, 88]; clamped outside. */
@@ -103,15 +168,25 @@ static inline __m256 q8_lanes(const int8_t *q) { return _mm256_cvtepi32_ps(_mm25
 static inline __m256 q4_lanes(__m128i nibbles) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles)); }
 static inline __m256 half_lanes(const uint16_t *h) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)); }
 
-/* Expand panel p (16 columns x K) to float32 [K][16], as the tiles see it. */
+/* Expand panel p (16 columns x K) to float32 [K][16], as the tiles see it: w = q * s (Q8), q * d + m (Q4),
+ * a multiply then an add as dequantize() does, so the values are the same bits. */
 static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
     if (w->format == FORMAT_Q8) {
         const int8_t *q = (const int8_t *)w->data + p * K * PANEL;
         const float *scales = (const float *)w->scales + p * (K / w->group) * PANEL;
-        for (int64_t k = 0; k < K; k++) {
-            const float *s = scales + (k / w->group) * PANEL;
-            _mm256_storeu_ps(out + k * PANEL, _mm256_mul_ps(q8_lanes(q + k * PANEL), _mm256_loadu_ps(s)));
-            _mm256_storeu_ps(out + k * PANEL + 8, _mm256_mul_ps(q8_lanes(q + k * PANEL + 8), _mm256_loadu_ps(s + 8)));
+        for (int64_t g = 0; g < K; g += w->group) {
+            const float *s = scales + (g / w->group) * PANEL;
+#ifdef __AVX512F__
+            __m512 scale = _mm512_loadu_ps(s);
+            for (int64_t k = g; k < g + w->group; k++)
+                _mm512_storeu_ps(out + k * PANEL, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k * PANEL)))), scale));
+#else
+            __m256 s_lo = _mm256_loadu_ps(s), s_hi = _mm256_loadu_ps(s + 8);
+            for (int64_t k = g; k < g + w->group; k++) {
+                _mm256_storeu_ps(out + k * PANEL, _mm256_mul_ps(q8_lanes(q + k * PANEL), s_lo));
+                _mm256_storeu_ps(out + k * PANEL + 8, _mm256_mul_ps(q8_lanes(q + k * PANEL + 8), s_hi));
+            }
+#endif
         }
         return;
     }
@@ -119,6 +194,17 @@ static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
     const uint8_t *q = (const uint8_t *)w->data + p * (K / 2) * PANEL;
     const uint16_t *d = (const uint16_t *)w->scales + p * (K / 32) * PANEL, *m = (const uint16_t *)w->mins + p * (K / 32) * PANEL;
     for (int64_t g = 0; g < K / 32; g++) {
+#ifdef __AVX512F__
+        __m512 dg = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + g * PANEL)));
+        __m512 mg = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + g * PANEL)));
+        for (int j = 0; j < 16; j++) {
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (g * 16 + j) * PANEL));
+            __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low4)));
+            __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4)));
+            _mm512_storeu_ps(out + (g * 32 + j) * PANEL, _mm512_add_ps(_mm512_mul_ps(first, dg), mg));
+            _mm512_storeu_ps(out + (g * 32 + j + 16) * PANEL, _mm512_add_ps(_mm512_mul_ps(second, dg), mg));
+        }
+#else
         __m256 d_lo = half_lanes(d + g * PANEL), d_hi = half_lanes(d + g * PANEL + 8);
         __m256 m_lo = half_lanes(m + g * PANEL), m_hi = half_lanes(m + g * PANEL + 8);
         for (int j = 0; j < 16; j++) {
@@ -130,12 +216,13 @@ static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
             _mm256_storeu_ps(row16, _mm256_add_ps(_mm256_mul_ps(q4_lanes(second), d_lo), m_lo));
             _mm256_storeu_ps(row16 + 8, _mm256_add_ps(_mm256_mul_ps(q4_lanes(_mm_unpackhi_epi64(second, second)), d_hi), m_hi));
         }
+#endif
     }
 }
 
 /* The Q8 tile: like `tile`, each weight expanded in registers. */
 static inline __attribute__((always_inline)) void tile_q8(const float *x, int64_t K, const int8_t *q, const float *scales, int64_t group,
-                                                          int rows, float acc[MAX_ROWS][PANEL]) {
+                                                          int rows, float acc[][ACC_WIDTH]) {
     __m256 lo[Q_ROWS], hi[Q_ROWS];
 #pragma GCC unroll 4
     for (int r = 0; r < rows; r++) lo[r] = hi[r] = _mm256_setzero_ps();
@@ -160,7 +247,7 @@ static inline __attribute__((always_inline)) void tile_q8(const float *x, int64_
 
 /* The Q4 tile: a group's 16 bytes are read twice (low nibbles: k = 0..15, then high: 16..31) to keep k order. */
 static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_t K, const uint8_t *q, const uint16_t *d, const uint16_t *m,
-                                                          int rows, float acc[MAX_ROWS][PANEL]) {
+                                                          int rows, float acc[][ACC_WIDTH]) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     __m256 lo[Q_ROWS], hi[Q_ROWS];
 #pragma GCC unroll 4
@@ -203,7 +290,7 @@ static inline __m512 q8_zmm(const int8_t *q) { return _mm512_cvtepi32_ps(_mm512_
 static inline __m512 q4_zmm(__m128i nibbles) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles)); }
 
 static inline __attribute__((always_inline)) void tile_q8_512(const float *x, int64_t K, const int8_t *q, const float *scales,
-                                                              int64_t group, int rows, float acc[MAX_ROWS][PANEL]) {
+                                                              int64_t group, int rows, float acc[][ACC_WIDTH]) {
     __m512 total[Q_ROWS];
 #pragma GCC unroll 4
     for (int r = 0; r < rows; r++) total[r] = _mm512_setzero_ps();
@@ -237,7 +324,7 @@ static inline __attribute__((always_inline)) void tile_q8_512(const float *x, in
 }
 
 static inline __attribute__((always_inline)) void tile_q4_512(const float *x, int64_t K, const uint8_t *q, const uint16_t *d,
-                                                              const uint16_t *m, int rows, float acc[MAX_ROWS][PANEL]) {
+                                                              const uint16_t *m, int rows, float acc[][ACC_WIDTH]) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     __m512 total[Q_ROWS];
 #pragma GCC unroll 4
@@ -279,7 +366,7 @@ static inline __attribute__((always_inline)) void tile_q4_512(const float *x, in
 #define TILE_Q4 tile_q4
 #endif
 
-static void tile_quantized(const Weights *w, int64_t p, const float *x, int64_t K, int rows, float acc[MAX_ROWS][PANEL]) {
+static void tile_quantized(const Weights *w, int64_t p, const float *x, int64_t K, int rows, float acc[][ACC_WIDTH]) {
     if (w->format == FORMAT_Q8) {
         const int8_t *q = (const int8_t *)w->data + p * K * PANEL;
         const float *s = (const float *)w->scales + p * (K / w->group) * PANEL;
@@ -305,41 +392,50 @@ static void tile_quantized(const Weights *w, int64_t p, const float *x, int64_t 
  * panels of 16 columns. Gated: panels of 8 gate then 8 up columns, out[M][N] = silu(gate) * up.
  * out may be the residual itself (each element is read, then written, by the same thread).
  * Shares the panels among the threads of the enclosing parallel region (or runs alone outside one);
- * `scratch` is the calling thread's buffer of K * PANEL floats, needed for quantized weights above Q_ROWS rows. */
+ * `scratch` is the calling thread's buffer of TILE_PANELS * K * PANEL floats, needed for quantized weights above
+ * Q_ROWS rows. */
 static void panels_body(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
                         const float *residual, float *out, float *scratch) {
-    int64_t columns = gated ? 8 : PANEL, num_panels = (N + columns - 1) / columns;
+    int64_t columns = gated ? 8 : PANEL, num_panels = (N + columns - 1) / columns, groups = (num_panels + TILE_PANELS - 1) / TILE_PANELS;
     int expand = w->format != FORMAT_F32 && M > Q_ROWS;
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < num_panels; p++) {
-        int64_t col = p * columns, width = N - col < columns ? N - col : columns;
-        const float *panel = w->format == FORMAT_F32 ? (const float *)w->data + p * K * PANEL : scratch;
-        if (expand) expand_panel(w, p, K, scratch);
-        float acc[MAX_ROWS][PANEL], gated_row[8];
+    for (int64_t group = 0; group < groups; group++) {
+        int64_t first = group * TILE_PANELS;
+        int count = num_panels - first < TILE_PANELS ? (int)(num_panels - first) : TILE_PANELS;
+        const float *panels[TILE_PANELS] = {NULL};
+        for (int i = 0; i < count; i++) {
+            panels[i] = w->format == FORMAT_F32 ? (const float *)w->data + (first + i) * K * PANEL : scratch + i * K * PANEL;
+            if (expand) expand_panel(w, first + i, K, scratch + i * K * PANEL);
+        }
+        float acc[MAX_ROWS][ACC_WIDTH], gated_row[8];
         for (int64_t m = 0; m < M; m += MAX_ROWS) {
             int rows = M - m < MAX_ROWS ? (int)(M - m) : MAX_ROWS;
-            if (panel != NULL)
-                tile_any(x + m * K, K, panel, rows, acc);
+            if (w->format == FORMAT_F32 || expand)
+                tile_group(x + m * K, K, panels, count, rows, acc);
             else
-                tile_quantized(w, p, x + m * K, K, rows, acc);
-            for (int r = 0; r < rows; r++) {
-                float *o = out + (m + r) * N + col;
-                if (gated) {
-                    __m256 gate = _mm256_loadu_ps(acc[r]), up = _mm256_loadu_ps(acc[r] + 8);
-                    __m256 sigmoid = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
-                    _mm256_storeu_ps(gated_row, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid), up));
-                    memcpy(o, gated_row, width * sizeof(float));
-                    continue;
+                for (int i = 0; i < count; i++) tile_quantized(w, first + i, x + m * K, K, rows, (float(*)[ACC_WIDTH])(acc[0] + i * PANEL));
+            for (int i = 0; i < count; i++) {
+                int64_t col = (first + i) * columns, width = N - col < columns ? N - col : columns;
+                for (int r = 0; r < rows; r++) {
+                    const float *sums = acc[r] + i * PANEL;
+                    float *o = out + (m + r) * N + col;
+                    if (gated) {
+                        __m256 gate = _mm256_loadu_ps(sums), up = _mm256_loadu_ps(sums + 8);
+                        __m256 sigmoid = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+                        _mm256_storeu_ps(gated_row, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid), up));
+                        memcpy(o, gated_row, width * sizeof(float));
+                        continue;
+                    }
+                    const float *res = residual ? residual + (m + r) * N + col : NULL;
+                    for (int64_t c = 0; c < width; c++)
+                        o[c] = sums[c] + (bias ? bias[col + c] : 0.0f) + (res ? res[c] : 0.0f);
                 }
-                const float *res = residual ? residual + (m + r) * N + col : NULL;
-                for (int64_t c = 0; c < width; c++)
-                    o[c] = acc[r][c] + (bias ? bias[col + c] : 0.0f) + (res ? res[c] : 0.0f);
             }
         }
     }
 }
 
-static float *panel_scratch(int64_t M, int64_t K) { return M > Q_ROWS ? aligned_alloc(64, K * PANEL * sizeof(float)) : NULL; }
+static float *panel_scratch(int64_t M, int64_t K) { return M > Q_ROWS ? aligned_alloc(64, TILE_PANELS * K * PANEL * sizeof(float)) : NULL; }
 
 static void run_panels(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
                        const float *residual, float *out, int threads) {

@@ -227,7 +227,7 @@ def load_cpu_kernels() -> CpuKernels | None:
     reason = _unavailable_reason()
     if reason is None:
         try:
-            return CpuKernels(ctypes.CDLL(str(_build())))
+            return CpuKernels(ctypes.CDLL(str(build(avx512=torch.backends.cpu.get_cpu_capability() == "AVX512"))))
         except subprocess.CalledProcessError as error:
             reason = f"compiling {SOURCE.name} failed: {error.stderr.strip()}"
         except OSError as error:
@@ -264,10 +264,10 @@ def _torch_openmp() -> list[str]:
     return [str(bundled[0])] if bundled else []
 
 
-def _build() -> Path:
-    """Compile into the cache unless this source, flag set and OpenMP runtime were compiled before."""
-    # AVX-512 where the CPU has it: the quantized tiles have a 16-lane version (cpu_kernels.c)
-    wide = ["-mavx512f"] if torch.backends.cpu.get_cpu_capability() == "AVX512" else []
+def build(avx512: bool) -> Path:
+    """Compile into the cache unless this source, flag set and OpenMP runtime were compiled before.
+    With `avx512` (where the CPU has it) the tiles are the 16-lane ones of cpu_kernels.c."""
+    wide = ["-mavx512f"] if avx512 else []
     command = [_compiler(), *_FLAGS, *wide, str(SOURCE), *_torch_openmp(), "-lm"]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
