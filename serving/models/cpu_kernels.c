@@ -391,14 +391,17 @@ static void tile_quantized(const Weights *w, int64_t p, const float *x, int64_t 
 /* Every product: out[M][N] = x W^T with either epilogue. Linear (gated = 0): + bias + residual,
  * panels of 16 columns. Gated: panels of 8 gate then 8 up columns, out[M][N] = silu(gate) * up.
  * out may be the residual itself (each element is read, then written, by the same thread).
- * Shares the panels among the threads of the enclosing parallel region (or runs alone outside one);
+ * Shares the panels among the threads of the enclosing parallel region (or runs alone outside one),
+ * handed out one group at a time: when another process takes a core from one thread (Ray's daemons
+ * next to a served engine), the other goes on with the remaining panels instead of waiting at the
+ * barrier for a fixed half (benchmarks/README.md);
  * `scratch` is the calling thread's buffer of TILE_PANELS * K * PANEL floats, needed for quantized weights above
  * Q_ROWS rows. */
 static void panels_body(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
                         const float *residual, float *out, float *scratch) {
     int64_t columns = gated ? 8 : PANEL, num_panels = (N + columns - 1) / columns, groups = (num_panels + TILE_PANELS - 1) / TILE_PANELS;
     int expand = w->format != FORMAT_F32 && M > Q_ROWS;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t group = 0; group < groups; group++) {
         int64_t first = group * TILE_PANELS;
         int count = num_panels - first < TILE_PANELS ? (int)(num_panels - first) : TILE_PANELS;
@@ -553,7 +556,8 @@ static void weighted_values(const float *p, int64_t n, const float *v_cache, con
 /* Attention of one new token per sequence over its keys in the paged cache, read in place.
  * q: [B] rows q_stride floats apart, each [H][D]; out: [B][H][D]; k_cache, v_cache: [blocks][block_size][KVH][D]; block_tables: [B][max_blocks];
  * context_lens[b] keys are attended to (the new token's own key is already in the cache).
- * The H / KVH query heads sharing a KV head are computed together, one task per (sequence, KV head). */
+ * The H / KVH query heads sharing a KV head are computed together, one task per (sequence, KV head),
+ * handed out to the threads one at a time as the panels are. */
 /* How many key rows ahead the scores loop fetches the lines of a key row and of its value row: a
  * sequence's rows are scattered over its blocks, and each (sequence, KV head) reads only its head's
  * part of each row, which the hardware prefetchers do not follow. Without it a batch-32 step spent
@@ -564,7 +568,7 @@ static void decode_attention_body(const float *q, int64_t q_stride, int64_t B, i
                                   const float *v_cache, int64_t block_size, const int64_t *block_tables, int64_t max_blocks,
                                   const int64_t *context_lens, float scale, float *out) {
     int64_t group = H / KVH;
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t g = 0; g < KVH; g++) {
             int64_t n = context_lens[b];
