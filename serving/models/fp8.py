@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.errors import ModelSourceError
 from serving.models.quant import QuantizationError
 from serving.models.safetensors_reader import SafetensorsFile
 
@@ -122,17 +121,4 @@ class Fp8Linear(nn.Module):
 def read_checkpoint_rows(reader: SafetensorsFile, name: str, f: BinaryIO) -> Fp8Rows:
     """A pre-quantized e4m3 weight and its scale `{name}_scale`: one per row ([rows] or [rows, 1]) or
     one for the whole tensor ([] or [1], as compressed-tensors writes for its per-tensor strategy)."""
-    scale_name = f"{name}_scale"
-    rows, cols = reader.shape(name)
-    if scale_name not in reader.entries:
-        raise ModelSourceError(
-            f"{reader.path.name}: tensor {name} is float8_e4m3fn but its scale {scale_name} is missing; a pre-quantized "
-            "FP8 checkpoint needs a float scale per output row (or per tensor) next to each weight"
-        )
-    scale_shape = reader.shape(scale_name)
-    if scale_shape not in ((), (1,), (rows,), (rows, 1)):
-        raise ModelSourceError(f"{reader.path.name}: {scale_name} has shape {scale_shape}, not one scale per row ({rows}, 1) or per tensor")
-    data, scales = torch.empty(rows, cols, dtype=FP8), torch.empty(scale_shape)
-    reader.read_into(name, data, f)
-    reader.read_into(scale_name, scales, f)
-    return Fp8Rows(data, scales.reshape(-1).expand(rows).contiguous())
+    return Fp8Rows(*reader.weight_and_scales(name, f, FP8, per_tensor=True))

@@ -64,19 +64,26 @@ class SafetensorsFile:
 
     def quantized(self, name: str, f) -> QuantRows:
         """An int8 weight and its per-row scale as quantized rows."""
-        scale_name = f"{name}_scale"
+        data, scales = self.weight_and_scales(name, f, torch.int8, per_tensor=False)
+        return QuantRows("q8", data, scales[:, None], None, data.shape[1])
+
+    def weight_and_scales(self, name: str, f, dtype: torch.dtype, per_tensor: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-quantized weight [rows, cols] of `dtype` and its float scale `{name}_scale` per output row
+        ([rows] or [rows, 1]; with `per_tensor` also one for the whole tensor, [] or [1]), as [rows] scales."""
+        scale_name, label = f"{name}_scale", {torch.int8: "int8"}.get(dtype, "FP8")
         rows, cols = self.shape(name)
         if scale_name not in self.entries:
             raise ModelSourceError(
-                f"{self.path.name}: tensor {name} is int8 but its scale {scale_name} is missing; a pre-quantized int8 "
-                "checkpoint needs a float scale per output row next to each weight"
+                f"{self.path.name}: tensor {name} is {str(dtype).removeprefix('torch.')} but its scale {scale_name} is missing; a "
+                f"pre-quantized {label} checkpoint needs a float scale per output row{' (or per tensor)' * per_tensor} next to each weight"
             )
-        if self.shape(scale_name) not in ((rows,), (rows, 1)):
-            raise ModelSourceError(f"{self.path.name}: {scale_name} has shape {self.shape(scale_name)}, not one scale per row ({rows}, 1)")
-        data, scales = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows, 1)
+        scale_shape = self.shape(scale_name)
+        if scale_shape not in ((rows,), (rows, 1), *([(), (1,)] if per_tensor else [])):
+            raise ModelSourceError(f"{self.path.name}: {scale_name} has shape {scale_shape}, not one scale per row ({rows}, 1)")
+        data, scales = torch.empty(rows, cols, dtype=dtype), torch.empty(scale_shape)
         self.read_into(name, data, f)
-        self.read_into(scale_name, scales.view(self.shape(scale_name)), f)
-        return QuantRows("q8", data, scales, None, cols)
+        self.read_into(scale_name, scales, f)
+        return data, scales.reshape(-1).expand(rows).contiguous()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
