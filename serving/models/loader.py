@@ -114,8 +114,8 @@ def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) 
     fp8: every linear layer but the LM head; the embedding and LM head keep the model dtype.
     """
     if quantization == "fp8":
-        return _fp8_layers(model)
-    if quantization in KINDS:
+        kinds = {name: "fp8" for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"}
+    elif quantization in KINDS:
         kinds = {
             name: EMBEDDING_KIND if isinstance(module, nn.Embedding) or name == "lm_head" else KINDS[quantization]
             for name, module in model.named_modules()
@@ -125,22 +125,13 @@ def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) 
         kinds = _gguf_kinds(model, readers[0])
     else:
         return {}
-    quantized: dict[str, QuantizedWeight] = {}
+    quantized: dict[str, QuantizedWeight | Fp8Linear] = {}
     for name, kind in kinds.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = getattr(parent, attr)
-        if isinstance(layer, nn.Embedding):
-            rows, cols = layer.num_embeddings, layer.embedding_dim
-        else:
-            rows, cols = layer.out_features, layer.in_features
-        group = cols if kind == "q8" and quantization in KINDS else GROUP  # int8: one scale per output channel
         try:
-            if isinstance(layer, nn.Embedding):
-                replacement = QuantEmbedding(kind, rows, cols, group)
-            else:
-                gated = isinstance(layer, GateUpProjection)
-                replacement = QuantLinear(kind, rows, cols, group, bias=layer.bias is not None, gated=gated)
+            replacement = _quantized_layer(layer, kind, per_channel=quantization in KINDS)
         except QuantizationError as error:
             raise QuantizationError(f"quantization {quantization!r} cannot hold {name}: {error}") from None
         replacement.weight_slices = layer.weight_slices
@@ -149,21 +140,20 @@ def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) 
     return quantized
 
 
-def _fp8_layers(model: LlamaForCausalLM) -> dict[str, Fp8Linear]:
-    quantized: dict[str, Fp8Linear] = {}
-    for name, layer in list(model.named_modules()):
-        if not isinstance(layer, nn.Linear) or name == "lm_head":
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        gated = isinstance(layer, GateUpProjection)
-        try:
-            replacement = Fp8Linear(layer.out_features, layer.in_features, layer.bias is not None, gated, layer.weight.dtype)
-        except QuantizationError as error:
-            raise QuantizationError(f"quantization 'fp8' cannot hold {name}: {error}") from None
-        replacement.weight_slices = layer.weight_slices
-        setattr(model.get_submodule(parent_name), attr, replacement)
-        quantized[name] = replacement
-    return quantized
+def _quantized_layer(layer: nn.Module, kind: str, per_channel: bool) -> QuantizedWeight | Fp8Linear:
+    """The empty layer of storage `kind` that takes `layer`'s place; `per_channel` q8 has one scale per row
+    (int8 quantized at load), otherwise one per GROUP inputs (GGUF's Q8_0)."""
+    if isinstance(layer, nn.Embedding):
+        rows, cols = layer.num_embeddings, layer.embedding_dim
+    else:
+        rows, cols = layer.out_features, layer.in_features
+    gated = isinstance(layer, GateUpProjection)
+    if kind == "fp8":
+        return Fp8Linear(rows, cols, layer.bias is not None, gated, layer.weight.dtype)
+    group = cols if kind == "q8" and per_channel else GROUP
+    if isinstance(layer, nn.Embedding):
+        return QuantEmbedding(kind, rows, cols, group)
+    return QuantLinear(kind, rows, cols, group, bias=layer.bias is not None, gated=gated)
 
 
 def _gguf_kinds(model: LlamaForCausalLM, reader) -> dict[str, str]:
