@@ -167,6 +167,10 @@ typedef struct {
 static inline __m256 q8_lanes(const int8_t *q) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))); }
 static inline __m256 q4_lanes(__m128i nibbles) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles)); }
 static inline __m256 half_lanes(const uint16_t *h) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)); }
+#ifdef __AVX512F__
+static inline __m512 q8_zmm(const int8_t *q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))); }
+static inline __m512 q4_zmm(__m128i nibbles) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles)); }
+#endif
 
 /* Expand panel p (16 columns x K) to float32 [K][16], as the tiles see it: w = q * s (Q8), q * d + m (Q4),
  * a multiply then an add as dequantize() does, so the values are the same bits. */
@@ -179,7 +183,7 @@ static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
 #ifdef __AVX512F__
             __m512 scale = _mm512_loadu_ps(s);
             for (int64_t k = g; k < g + w->group; k++)
-                _mm512_storeu_ps(out + k * PANEL, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k * PANEL)))), scale));
+                _mm512_storeu_ps(out + k * PANEL, _mm512_mul_ps(q8_zmm(q + k * PANEL), scale));
 #else
             __m256 s_lo = _mm256_loadu_ps(s), s_hi = _mm256_loadu_ps(s + 8);
             for (int64_t k = g; k < g + w->group; k++) {
@@ -199,8 +203,7 @@ static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
         __m512 mg = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + g * PANEL)));
         for (int j = 0; j < 16; j++) {
             __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (g * 16 + j) * PANEL));
-            __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low4)));
-            __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4)));
+            __m512 first = q4_zmm(_mm_and_si128(bytes, low4)), second = q4_zmm(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
             _mm512_storeu_ps(out + (g * 32 + j) * PANEL, _mm512_add_ps(_mm512_mul_ps(first, dg), mg));
             _mm512_storeu_ps(out + (g * 32 + j + 16) * PANEL, _mm512_add_ps(_mm512_mul_ps(second, dg), mg));
         }
@@ -286,8 +289,6 @@ static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_
  * model's result to float32 rounding, not bit for bit: the order of the sums differs. */
 #define CHAINS 4
 
-static inline __m512 q8_zmm(const int8_t *q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))); }
-static inline __m512 q4_zmm(__m128i nibbles) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles)); }
 
 static inline __attribute__((always_inline)) void tile_q8_512(const float *x, int64_t K, const int8_t *q, const float *scales,
                                                               int64_t group, int rows, float acc[][ACC_WIDTH]) {

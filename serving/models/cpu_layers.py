@@ -138,7 +138,8 @@ class FusedDecode:
             for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
                 layer.k_cache, layer.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
             self.caches = kv_caches
-        x = x.contiguous().clone()  # updated in place, and the caller's tensor (an embedding or a received stage input) is not ours
+        # updated in place, and the caller's tensor (an embedding or a received stage input) is not ours
+        x = x.clone(memory_format=torch.contiguous_format)
         cos, sin = (table.reshape(x.shape[0], -1) for table in rope)
         block_size = kv_caches[0][0].shape[1]
         self.kernels.decode_layers(
