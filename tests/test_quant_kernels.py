@@ -35,9 +35,9 @@ IN_REGISTERS = 4  # Q_ROWS in cpu_kernels.c: up to this many rows the weights ar
 
 
 def exact_path(batch: int) -> bool:
-    """Whether the kernels give the float kernel's results bit for bit: always with the AVX2 tiles, and
-    above IN_REGISTERS rows with the AVX-512 ones (which take the scales out of the inner loop)."""
-    return batch > IN_REGISTERS or torch.backends.cpu.get_cpu_capability() != "AVX512"
+    """Whether the kernels give the float kernel's results bit for bit: above IN_REGISTERS rows, where the
+    panels are expanded; the in-register tiles take the scales out of the inner loop and sum in another order."""
+    return batch > IN_REGISTERS
 
 
 def linear(rows: QuantRows, bias: bool, gated: bool) -> QuantLinear:

@@ -148,11 +148,10 @@ static inline __m256 exp256(__m256 x) {
  * Q4: 4-bit q in 0..15, w = q * d + m per column and 32 k (GGUF's Q4_1; Q4_0 is m = -8 d). data
  *     [P][K/32][16][16] bytes: byte j of a group holds k = j (low nibble) and k = j + 16 (high), one
  *     byte per column; d, m [P][K/32][16] float16.
- * Up to Q_ROWS rows of x the weights are expanded in registers (below: the AVX2 tiles; the AVX-512
- * tiles further down take the scales out of the inner loop); above that each panel is expanded once
- * into a per-thread buffer and the float tile runs over it (measured faster from 5 rows on,
- * benchmarks/README.md). Expanding is exactly GGUF's reference dequantization (a multiply, then an
- * add), so the expanded path and the AVX2 tiles, which sum in k order, give the float kernel's
+ * Up to Q_ROWS rows of x the weights are expanded in registers (the tiles below, which apply the scales
+ * once per group); above that each panel is expanded once into a per-thread buffer and the float tile
+ * runs over it (measured faster from 5 rows on, benchmarks/README.md). Expanding is exactly GGUF's
+ * reference dequantization (a multiply, then an add), so the expanded path gives the float kernel's
  * results over the dequantized weights bit for bit.
  */
 enum { FORMAT_F32 = 0, FORMAT_Q8 = 1, FORMAT_Q4 = 2 };
@@ -223,70 +222,126 @@ static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
     }
 }
 
-/* The Q8 tile: like `tile`, each weight expanded in registers. */
+/* The quantized tiles take the scales out of the inner loop: sum_k x_k (q_k s) = s sum_k x_k q_k per Q8
+ * group, and sum_k x_k (q_k d + m) = d sum_k x_k q_k + m sum_k x_k per Q4 group. Each row keeps several
+ * partial sums over interleaved k, so that the FMAs do not wait on one another's latency: at one row a
+ * single chain per register made the product latency-bound, not bandwidth-bound. This is the float
+ * model's result to float32 rounding, not bit for bit: the order of the sums differs.
+ * AVX2: a panel's 16 columns are two registers, and the partial sums of all rows must fit in 16 registers
+ * beside the weights: 4 chains at one row, 2 at two, 1 from three rows on (6+ independent sums already). */
+#define Q_PREFETCH_K 64
+#define AVX2_CHAINS(rows) ((rows) == 1 ? 4 : (rows) == 2 ? 2 : 1)
+
 static inline __attribute__((always_inline)) void tile_q8(const float *x, int64_t K, const int8_t *q, const float *scales, int64_t group,
                                                           int rows, float acc[][ACC_WIDTH]) {
-    __m256 lo[Q_ROWS], hi[Q_ROWS];
+    const int chains = AVX2_CHAINS(rows);
+    __m256 total_lo[Q_ROWS], total_hi[Q_ROWS];
 #pragma GCC unroll 4
-    for (int r = 0; r < rows; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    for (int r = 0; r < rows; r++) total_lo[r] = total_hi[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < K; g += group) {
-        __m256 s_lo = _mm256_loadu_ps(scales + (g / group) * PANEL), s_hi = _mm256_loadu_ps(scales + (g / group) * PANEL + 8);
-        for (int64_t k = g; k < g + group; k++) {
-            __m256 w_lo = _mm256_mul_ps(q8_lanes(q + k * PANEL), s_lo), w_hi = _mm256_mul_ps(q8_lanes(q + k * PANEL + 8), s_hi);
+        __m256 lo[Q_ROWS * 4], hi[Q_ROWS * 4];  // [r * chains + c]
+#pragma GCC unroll 16
+        for (int i = 0; i < rows * chains; i++) lo[i] = hi[i] = _mm256_setzero_ps();
+        int64_t k = g;
+        for (; k + chains <= g + group; k += chains) {
+            _mm_prefetch((const char *)(q + (k + Q_PREFETCH_K) * PANEL), _MM_HINT_T0);
 #pragma GCC unroll 4
-            for (int r = 0; r < rows; r++) {
-                __m256 xk = _mm256_broadcast_ss(x + r * K + k);
-                lo[r] = _mm256_fmadd_ps(xk, w_lo, lo[r]);
-                hi[r] = _mm256_fmadd_ps(xk, w_hi, hi[r]);
-            }
-        }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < rows; r++) {
-        _mm256_storeu_ps(acc[r], lo[r]);
-        _mm256_storeu_ps(acc[r] + 8, hi[r]);
-    }
-}
-
-/* The Q4 tile: a group's 16 bytes are read twice (low nibbles: k = 0..15, then high: 16..31) to keep k order. */
-static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_t K, const uint8_t *q, const uint16_t *d, const uint16_t *m,
-                                                          int rows, float acc[][ACC_WIDTH]) {
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    __m256 lo[Q_ROWS], hi[Q_ROWS];
-#pragma GCC unroll 4
-    for (int r = 0; r < rows; r++) lo[r] = hi[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < K / 32; g++) {
-        __m256 d_lo = half_lanes(d + g * PANEL), d_hi = half_lanes(d + g * PANEL + 8);
-        __m256 m_lo = half_lanes(m + g * PANEL), m_hi = half_lanes(m + g * PANEL + 8);
-        for (int half = 0; half < 2; half++) {
-            for (int j = 0; j < 16; j++) {
-                __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (g * 16 + j) * PANEL));
-                __m128i nibbles = _mm_and_si128(half ? _mm_srli_epi16(bytes, 4) : bytes, low4);
-                __m256 w_lo = _mm256_add_ps(_mm256_mul_ps(q4_lanes(nibbles), d_lo), m_lo);
-                __m256 w_hi = _mm256_add_ps(_mm256_mul_ps(q4_lanes(_mm_unpackhi_epi64(nibbles, nibbles)), d_hi), m_hi);
-                int64_t k = g * 32 + half * 16 + j;
+            for (int c = 0; c < chains; c++) {
+                __m256 w_lo = q8_lanes(q + (k + c) * PANEL), w_hi = q8_lanes(q + (k + c) * PANEL + 8);
 #pragma GCC unroll 4
                 for (int r = 0; r < rows; r++) {
-                    __m256 xk = _mm256_broadcast_ss(x + r * K + k);
-                    lo[r] = _mm256_fmadd_ps(xk, w_lo, lo[r]);
-                    hi[r] = _mm256_fmadd_ps(xk, w_hi, hi[r]);
+                    __m256 xk = _mm256_broadcast_ss(x + r * K + k + c);
+                    lo[r * chains + c] = _mm256_fmadd_ps(xk, w_lo, lo[r * chains + c]);
+                    hi[r * chains + c] = _mm256_fmadd_ps(xk, w_hi, hi[r * chains + c]);
                 }
             }
         }
+        for (; k < g + group; k++) {
+            __m256 w_lo = q8_lanes(q + k * PANEL), w_hi = q8_lanes(q + k * PANEL + 8);
+#pragma GCC unroll 4
+            for (int r = 0; r < rows; r++) {
+                __m256 xk = _mm256_broadcast_ss(x + r * K + k);
+                lo[r * chains] = _mm256_fmadd_ps(xk, w_lo, lo[r * chains]);
+                hi[r * chains] = _mm256_fmadd_ps(xk, w_hi, hi[r * chains]);
+            }
+        }
+        __m256 s_lo = _mm256_loadu_ps(scales + (g / group) * PANEL), s_hi = _mm256_loadu_ps(scales + (g / group) * PANEL + 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++) {
+            __m256 sum_lo = lo[r * chains], sum_hi = hi[r * chains];
+#pragma GCC unroll 4
+            for (int c = 1; c < chains; c++) sum_lo = _mm256_add_ps(sum_lo, lo[r * chains + c]), sum_hi = _mm256_add_ps(sum_hi, hi[r * chains + c]);
+            total_lo[r] = _mm256_fmadd_ps(sum_lo, s_lo, total_lo[r]);
+            total_hi[r] = _mm256_fmadd_ps(sum_hi, s_hi, total_hi[r]);
+        }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < rows; r++) {
-        _mm256_storeu_ps(acc[r], lo[r]);
-        _mm256_storeu_ps(acc[r] + 8, hi[r]);
+        _mm256_storeu_ps(acc[r], total_lo[r]);
+        _mm256_storeu_ps(acc[r] + 8, total_hi[r]);
+    }
+}
+
+static inline float sum32(const float *x) {
+    __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)), _mm256_add_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* The Q4 tile: byte j of a group holds k = j (low nibble) and k = j + 16 (high); chain c takes the
+ * products of one nibble half and, with more chains, of every other j. */
+static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_t K, const uint8_t *q, const uint16_t *d, const uint16_t *m,
+                                                          int rows, float acc[][ACC_WIDTH]) {
+    const int chains = AVX2_CHAINS(rows);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m256 total_lo[Q_ROWS], total_hi[Q_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) total_lo[r] = total_hi[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / 32; g++) {
+        __m256 lo[Q_ROWS * 4], hi[Q_ROWS * 4];  // [r * chains + c]
+#pragma GCC unroll 16
+        for (int i = 0; i < rows * chains; i++) lo[i] = hi[i] = _mm256_setzero_ps();
+        const float *xg = x + g * 32;
+#pragma GCC unroll 2
+        for (int j = 0; j < 16; j++) {
+            if ((j & 3) == 0) _mm_prefetch((const char *)(q + (g * 16 + j + Q_PREFETCH_K) * PANEL), _MM_HINT_T0);
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (g * 16 + j) * PANEL));
+            __m128i nibbles[2] = {_mm_and_si128(bytes, low4), _mm_and_si128(_mm_srli_epi16(bytes, 4), low4)};
+#pragma GCC unroll 2
+            for (int half = 0; half < 2; half++) {
+                __m256 w_lo = q4_lanes(nibbles[half]), w_hi = q4_lanes(_mm_unpackhi_epi64(nibbles[half], nibbles[half]));
+                int c = (half * 2 + (j & 1)) % chains;
+#pragma GCC unroll 4
+                for (int r = 0; r < rows; r++) {
+                    __m256 xk = _mm256_broadcast_ss(xg + r * K + half * 16 + j);
+                    lo[r * chains + c] = _mm256_fmadd_ps(xk, w_lo, lo[r * chains + c]);
+                    hi[r * chains + c] = _mm256_fmadd_ps(xk, w_hi, hi[r * chains + c]);
+                }
+            }
+        }
+        __m256 d_lo = half_lanes(d + g * PANEL), d_hi = half_lanes(d + g * PANEL + 8);
+        __m256 m_lo = half_lanes(m + g * PANEL), m_hi = half_lanes(m + g * PANEL + 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++) {
+            __m256 sum_lo = lo[r * chains], sum_hi = hi[r * chains];
+#pragma GCC unroll 4
+            for (int c = 1; c < chains; c++) sum_lo = _mm256_add_ps(sum_lo, lo[r * chains + c]), sum_hi = _mm256_add_ps(sum_hi, hi[r * chains + c]);
+            __m256 xsum = _mm256_set1_ps(sum32(xg + r * K));
+            total_lo[r] = _mm256_fmadd_ps(m_lo, xsum, _mm256_fmadd_ps(sum_lo, d_lo, total_lo[r]));
+            total_hi[r] = _mm256_fmadd_ps(m_hi, xsum, _mm256_fmadd_ps(sum_hi, d_hi, total_hi[r]));
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) {
+        _mm256_storeu_ps(acc[r], total_lo[r]);
+        _mm256_storeu_ps(acc[r] + 8, total_hi[r]);
     }
 }
 
 #ifdef __AVX512F__
-/* With AVX-512 (compiled in where the CPU has it) a panel's 16 columns are one register, and the
- * scales come out of the inner loop: sum_k x_k (q_k s) = s sum_k x_k q_k per Q8 group, and
- * sum_k x_k (q_k d + m) = d sum_k x_k q_k + m sum_k x_k per Q4 group. Each row keeps CHAINS partial
- * sums over interleaved k, so the adds do not wait on one another's latency. This is the float
- * model's result to float32 rounding, not bit for bit: the order of the sums differs. */
+/* With AVX-512 (compiled in where the CPU has it) a panel's 16 columns are one register: every row keeps
+ * CHAINS partial sums. */
 #define CHAINS 4
 
 
