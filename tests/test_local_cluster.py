@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cluster import local
@@ -49,6 +53,32 @@ def test_the_local_cluster_starts_with_an_empty_home(empty_home, tmp_path):
     try:
         assert cluster.is_alive() and (empty_home / ".ray" / "auth_token").is_file()
         assert local.find(state) == cluster
+        # a driver's first connection is what makes Ray start its idle workers: connect one, in a process of its own
+        driver = f"from cluster import local; local.connect({cluster.address!r}, True); import time; time.sleep(3)"
+        subprocess.run([sys.executable, "-c", driver], check=True, timeout=120)
+        assert _settles_quiet(cluster.pid, 40.0), "idle Ray workers or a log monitor are still running"
     finally:
         assert local.stop(state)
     assert not cluster.is_alive() and os.listdir(state) == ["local-cluster.log"]
+
+
+def _settles_quiet(pid: int, timeout_s: float, quiet_s: float = 5.0) -> bool:
+    """Whether the cluster started by `pid` is, for `quiet_s` in a row within `timeout_s`, free of the processes that
+    only take CPU from the engine: idle task workers (`ray::IDLE`, started when a driver connects) and the log
+    monitor (its copies of the logs go to drivers, which ours do not take)."""
+    deadline, quiet_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        names = []
+        for process in psutil.Process(pid).children(recursive=True):
+            try:
+                names.append(" ".join(process.cmdline()))
+            except psutil.NoSuchProcess:
+                continue
+        if any(name.startswith("ray::IDLE") or "log_monitor" in name for name in names):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return True
+        time.sleep(0.5)
+    return False
