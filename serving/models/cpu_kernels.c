@@ -229,7 +229,7 @@ static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
  * model's result to float32 rounding, not bit for bit: the order of the sums differs.
  * AVX2: a panel's 16 columns are two registers, and the partial sums of all rows must fit in 16 registers
  * beside the weights: 4 chains at one row, 2 at two, 1 from three rows on (6+ independent sums already). */
-#define Q_PREFETCH_K 64
+#define Q_PREFETCH_K 64  // weights are prefetched this many k ahead (a prefetch past the end never faults)
 #define AVX2_CHAINS(rows) ((rows) == 1 ? 4 : (rows) == 2 ? 2 : 1)
 
 static inline __attribute__((always_inline)) void tile_q8(const float *x, int64_t K, const int8_t *q, const float *scales, int64_t group,
@@ -282,11 +282,14 @@ static inline __attribute__((always_inline)) void tile_q8(const float *x, int64_
     }
 }
 
+static inline float hsum(__m256 v) {
+    __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+
 static inline float sum32(const float *x) {
-    __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)), _mm256_add_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    return hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)), _mm256_add_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24))));
 }
 
 /* The Q4 tile: byte j of a group holds k = j (low nibble) and k = j + 16 (high); chain c takes the
@@ -550,12 +553,6 @@ static void rms_norm_body(const float *x, int64_t M, int64_t K, const float *wei
 void llm_rms_norm(const float *x, int64_t M, int64_t K, const float *weight, float eps, float *out, int threads) {
 #pragma omp parallel num_threads(threads) if (M * K >= 1 << 16)
     rms_norm_body(x, M, K, weight, eps, out);
-}
-
-static inline float hsum(__m256 v) {
-    __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
 }
 
 /* Four accumulators: a single FMA chain would wait on each FMA's latency. */
