@@ -164,7 +164,14 @@ typedef struct {
 } Weights;
 
 static inline __m256 q8_lanes(const int8_t *q) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))); }
-static inline __m256 q4_lanes(__m128i nibbles) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles)); }
+/* A Q4 panel row's 16 bytes, one per column, each widened to 32 bits straight from memory (columns 0-7, 8-15);
+ * then its low nibble (k = j of the group) or high nibble (k = j + 16) as floats. */
+static inline void q4_bytes(const uint8_t *bytes, __m256i *lo, __m256i *hi) {
+    *lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes));
+    *hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bytes + 8)));
+}
+static inline __m256 q4_low(__m256i bytes) { return _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0F))); }
+static inline __m256 q4_high(__m256i bytes) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)); }
 static inline __m256 half_lanes(const uint16_t *h) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)); }
 #ifdef __AVX512F__
 static inline __m512 q8_zmm(const int8_t *q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))); }
@@ -193,11 +200,11 @@ static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
         }
         return;
     }
-    const __m128i low4 = _mm_set1_epi8(0x0F);
     const uint8_t *q = (const uint8_t *)w->data + p * (K / 2) * PANEL;
     const uint16_t *d = (const uint16_t *)w->scales + p * (K / 32) * PANEL, *m = (const uint16_t *)w->mins + p * (K / 32) * PANEL;
     for (int64_t g = 0; g < K / 32; g++) {
 #ifdef __AVX512F__
+        const __m128i low4 = _mm_set1_epi8(0x0F);
         __m512 dg = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + g * PANEL)));
         __m512 mg = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + g * PANEL)));
         for (int j = 0; j < 16; j++) {
@@ -210,13 +217,13 @@ static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
         __m256 d_lo = half_lanes(d + g * PANEL), d_hi = half_lanes(d + g * PANEL + 8);
         __m256 m_lo = half_lanes(m + g * PANEL), m_hi = half_lanes(m + g * PANEL + 8);
         for (int j = 0; j < 16; j++) {
-            __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (g * 16 + j) * PANEL));
-            __m128i first = _mm_and_si128(bytes, low4), second = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+            __m256i b_lo, b_hi;
+            q4_bytes(q + (g * 16 + j) * PANEL, &b_lo, &b_hi);
             float *row = out + (g * 32 + j) * PANEL, *row16 = row + 16 * PANEL;
-            _mm256_storeu_ps(row, _mm256_add_ps(_mm256_mul_ps(q4_lanes(first), d_lo), m_lo));
-            _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_mul_ps(q4_lanes(_mm_unpackhi_epi64(first, first)), d_hi), m_hi));
-            _mm256_storeu_ps(row16, _mm256_add_ps(_mm256_mul_ps(q4_lanes(second), d_lo), m_lo));
-            _mm256_storeu_ps(row16 + 8, _mm256_add_ps(_mm256_mul_ps(q4_lanes(_mm_unpackhi_epi64(second, second)), d_hi), m_hi));
+            _mm256_storeu_ps(row, _mm256_add_ps(_mm256_mul_ps(q4_low(b_lo), d_lo), m_lo));
+            _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_mul_ps(q4_low(b_hi), d_hi), m_hi));
+            _mm256_storeu_ps(row16, _mm256_add_ps(_mm256_mul_ps(q4_high(b_lo), d_lo), m_lo));
+            _mm256_storeu_ps(row16 + 8, _mm256_add_ps(_mm256_mul_ps(q4_high(b_hi), d_hi), m_hi));
         }
 #endif
     }
@@ -297,7 +304,6 @@ static inline float sum32(const float *x) {
 static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_t K, const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                                           int rows, float acc[][ACC_WIDTH]) {
     const int chains = AVX2_CHAINS(rows);
-    const __m128i low4 = _mm_set1_epi8(0x0F);
     __m256 total_lo[Q_ROWS], total_hi[Q_ROWS];
 #pragma GCC unroll 4
     for (int r = 0; r < rows; r++) total_lo[r] = total_hi[r] = _mm256_setzero_ps();
@@ -309,11 +315,11 @@ static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_
 #pragma GCC unroll 2
         for (int j = 0; j < 16; j++) {
             if ((j & 3) == 0) _mm_prefetch((const char *)(q + (g * 16 + j + Q_PREFETCH_K) * PANEL), _MM_HINT_T0);
-            __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (g * 16 + j) * PANEL));
-            __m128i nibbles[2] = {_mm_and_si128(bytes, low4), _mm_and_si128(_mm_srli_epi16(bytes, 4), low4)};
+            __m256i b_lo, b_hi;
+            q4_bytes(q + (g * 16 + j) * PANEL, &b_lo, &b_hi);
 #pragma GCC unroll 2
             for (int half = 0; half < 2; half++) {
-                __m256 w_lo = q4_lanes(nibbles[half]), w_hi = q4_lanes(_mm_unpackhi_epi64(nibbles[half], nibbles[half]));
+                __m256 w_lo = half ? q4_high(b_lo) : q4_low(b_lo), w_hi = half ? q4_high(b_hi) : q4_low(b_hi);
                 int c = (half * 2 + (j & 1)) % chains;
 #pragma GCC unroll 4
                 for (int r = 0; r < rows; r++) {
