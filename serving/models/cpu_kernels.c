@@ -239,6 +239,14 @@ static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
 #define Q_PREFETCH_K 64  // weights are prefetched this many k ahead (a prefetch past the end never faults)
 #define AVX2_CHAINS(rows) ((rows) == 1 ? 4 : (rows) == 2 ? 2 : 1)
 
+/* One row's partial sums (`chains` of them) added up. */
+static inline __attribute__((always_inline)) __m256 chain_sum(const __m256 *parts, int chains) {
+    __m256 sum = parts[0];
+#pragma GCC unroll 4
+    for (int c = 1; c < chains; c++) sum = _mm256_add_ps(sum, parts[c]);
+    return sum;
+}
+
 static inline __attribute__((always_inline)) void tile_q8(const float *x, int64_t K, const int8_t *q, const float *scales, int64_t group,
                                                           int rows, float acc[][ACC_WIDTH]) {
     const int chains = AVX2_CHAINS(rows);
@@ -275,9 +283,7 @@ static inline __attribute__((always_inline)) void tile_q8(const float *x, int64_
         __m256 s_lo = _mm256_loadu_ps(scales + (g / group) * PANEL), s_hi = _mm256_loadu_ps(scales + (g / group) * PANEL + 8);
 #pragma GCC unroll 4
         for (int r = 0; r < rows; r++) {
-            __m256 sum_lo = lo[r * chains], sum_hi = hi[r * chains];
-#pragma GCC unroll 4
-            for (int c = 1; c < chains; c++) sum_lo = _mm256_add_ps(sum_lo, lo[r * chains + c]), sum_hi = _mm256_add_ps(sum_hi, hi[r * chains + c]);
+            __m256 sum_lo = chain_sum(lo + r * chains, chains), sum_hi = chain_sum(hi + r * chains, chains);
             total_lo[r] = _mm256_fmadd_ps(sum_lo, s_lo, total_lo[r]);
             total_hi[r] = _mm256_fmadd_ps(sum_hi, s_hi, total_hi[r]);
         }
@@ -333,9 +339,7 @@ static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_
         __m256 m_lo = half_lanes(m + g * PANEL), m_hi = half_lanes(m + g * PANEL + 8);
 #pragma GCC unroll 4
         for (int r = 0; r < rows; r++) {
-            __m256 sum_lo = lo[r * chains], sum_hi = hi[r * chains];
-#pragma GCC unroll 4
-            for (int c = 1; c < chains; c++) sum_lo = _mm256_add_ps(sum_lo, lo[r * chains + c]), sum_hi = _mm256_add_ps(sum_hi, hi[r * chains + c]);
+            __m256 sum_lo = chain_sum(lo + r * chains, chains), sum_hi = chain_sum(hi + r * chains, chains);
             __m256 xsum = _mm256_set1_ps(sum32(xg + r * K));
             total_lo[r] = _mm256_fmadd_ps(m_lo, xsum, _mm256_fmadd_ps(sum_lo, d_lo, total_lo[r]));
             total_hi[r] = _mm256_fmadd_ps(m_hi, xsum, _mm256_fmadd_ps(sum_hi, d_hi, total_hi[r]));
