@@ -1,4 +1,5 @@
-"""Hugging Face transformers as the reference the engine is checked against."""
+"""Hugging Face transformers as the reference the engine is checked against, and the rounding of
+int4's layer inputs (`int8_inputs`) that its references apply."""
 
 from __future__ import annotations
 
@@ -61,3 +62,12 @@ def max_summary_difference(a: list[tuple], b: list[tuple]) -> float:
             diffs.append(abs(x[0] - y[0]))
             diffs += [abs(v - y[1][t]) for t, v in x[1].items() if t in y[1]]
     return max(diffs)
+
+
+def int8_inputs(x: torch.Tensor) -> torch.Tensor:
+    """x with each row's groups of 32 rounded to the int8 grid of int4's kernels: dx * round(x * 127 / max|x|),
+    dx = max|x| / 127, ties to even."""
+    groups = x.reshape(-1, 32)
+    largest = groups.abs().amax(dim=1, keepdim=True)
+    inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    return (torch.round(groups * inverse) * (largest / 127)).view(x.shape)

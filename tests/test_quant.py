@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T
 from gguf_files import write_gguf
-from reference import max_summary_difference, output_summary
+from reference import int8_inputs, max_summary_difference, output_summary
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from serving.config import LLMConfig
 from serving.engine.llm import LLM
@@ -32,8 +34,33 @@ PARAMS = SamplingParams(max_tokens=8, temperature=0, logprobs=5, prompt_logprobs
 ENGINE = {"block_size": 4, "kv_cache_memory_gb": 0.01, "max_num_batched_tokens": 16, "enable_prefix_caching": True}
 
 
-def summaries(folder: Path, repeat: int = 2, **options) -> list:
+class Int8Inputs(nn.Module):
+    """A float layer that first rounds its input as int8_inputs does."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        return self.linear(int8_inputs(x), *args)
+
+
+def with_int8_inputs(llm: LLM) -> LLM:
+    """The float engine made the reference of int4's arithmetic: each decoder layer's projections take
+    int8-rounded inputs (the layer by layer path: the fused decode call would bypass them)."""
+    model = llm.engine.runner.model
+    for layer in model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        attention.qkv_proj, attention.o_proj = Int8Inputs(attention.qkv_proj), Int8Inputs(attention.o_proj)
+        mlp.gate_up_proj, mlp.down_proj = Int8Inputs(mlp.gate_up_proj), Int8Inputs(mlp.down_proj)
+    model.fused_decode = None
+    return llm
+
+
+def summaries(folder: Path, repeat: int = 2, reference_of_int4: bool = False, **options) -> list:
     llm = LLM(str(folder), **ENGINE, **options)
+    if reference_of_int4:
+        with_int8_inputs(llm)
     runs = [[output_summary(o) for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)] for _ in range(repeat)]
     assert runs[0] == runs[-1], "the prefix-cached second pass gives the same outputs"
     return runs[0]
@@ -59,10 +86,19 @@ def assert_same(outputs: list, reference: list) -> None:
 @pytest.mark.parametrize("quantization, kind", [("int8", "q8"), ("int4", "q4")])
 @pytest.mark.parametrize("model", ["llama-tied", "llama-own-head", "qwen2-bias"])
 def test_quantized_model_is_the_float_model_of_its_dequantized_weights(tmp_path, quantization, kind, model):
+    """int8: the float model of the dequantized weights; int4: the same with its layers' inputs rounded to int8."""
     options = {"llama-tied": {}, "llama-own-head": {"tie_word_embeddings": False}, "qwen2-bias": {"architecture": "Qwen2ForCausalLM"}}
     folder = make_tiny_llama(tmp_path / "tiny", **options[model])
-    reference = summaries(dequantized_copy(folder, kind, tmp_path / "dequantized"), repeat=1)
+    dequantized = dequantized_copy(folder, kind, tmp_path / "dequantized")
+    reference = summaries(dequantized, repeat=1, reference_of_int4=quantization == "int4")
     assert_same(summaries(folder, quantization=quantization), reference)
+
+
+def test_int4_rounds_its_layers_inputs_to_int8(tmp_path):
+    """Not float inputs by accident: without the rounding the reference differs from int4's outputs."""
+    folder = make_tiny_llama(tmp_path / "tiny")
+    dequantized = dequantized_copy(folder, "q4", tmp_path / "dequantized")
+    assert max_summary_difference(summaries(folder, repeat=1, quantization="int4"), summaries(dequantized, repeat=1)) > 1e-3
 
 
 def test_quantized_weights_are_the_loaded_model(tmp_path):

@@ -1,5 +1,6 @@
 """The quantized CPU kernels (int8 and 4-bit weights) against the float kernels and float64 torch
-over the same dequantized weights, and the layouts they read."""
+over the same dequantized weights (and, for int4's int8 inputs, the same rounded inputs), and the
+layouts they read."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import ctypes
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import int8_inputs
 
 from serving.models import cpu_kernels
 from serving.models.cpu_kernels import load_cpu_kernels, to_gate_up_panels, to_panels
@@ -30,19 +32,30 @@ def q8_groups_of_32(weight: torch.Tensor) -> QuantRows:
     return QuantRows("q8", q, scales, None, 32)
 
 
-FORMATS = {"int8": lambda w: quantize(w, "q8"), "int4": lambda w: quantize(w, "q4"), "q8_0": q8_groups_of_32}
+# weights of each format, and whether the layer takes int8 inputs: q4 with float inputs is how GGUF's Q4_1 is served
+FORMATS = {
+    "int8": (lambda w: quantize(w, "q8"), False),
+    "q4": (lambda w: quantize(w, "q4"), False),
+    "q8_0": (q8_groups_of_32, False),
+    "int4": (lambda w: quantize(w, "q4"), True),
+}
 IN_REGISTERS = 4  # Q_ROWS in cpu_kernels.c: up to this many rows the weights are expanded in registers
 
 
-def exact_path(batch: int) -> bool:
-    """Whether the kernels give the float kernel's results bit for bit: above IN_REGISTERS rows, where the
-    panels are expanded; the in-register tiles take the scales out of the inner loop and sum in another order."""
-    return batch > IN_REGISTERS
+def exact_path(fmt: str, batch: int) -> bool:
+    """Whether the kernels give the float kernel's results bit for bit: with float inputs above IN_REGISTERS rows,
+    where the panels are expanded; the in-register tiles take the scales out of the inner loop and sum in another order."""
+    return not FORMATS[fmt][1] and batch > IN_REGISTERS
 
 
-def linear(rows: QuantRows, bias: bool, gated: bool) -> QuantLinear:
+def inputs(fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """What the layer multiplies: x, or x rounded to int8 for a layer with int8 inputs."""
+    return int8_inputs(x) if FORMATS[fmt][1] else x
+
+
+def linear(rows: QuantRows, bias: bool, gated: bool, int8_inputs: bool = False) -> QuantLinear:
     out_features, in_features = rows.shape
-    layer = QuantLinear(rows.kind, out_features, in_features, rows.group, bias=bias, gated=gated)
+    layer = QuantLinear(rows.kind, out_features, in_features, rows.group, bias=bias, gated=gated, int8_inputs=int8_inputs)
     layer.load_rows(0, rows)
     if bias:
         layer.bias.data.normal_()
@@ -54,12 +67,14 @@ def linear(rows: QuantRows, bias: bool, gated: bool) -> QuantLinear:
 @pytest.mark.parametrize("batch", ROWS)
 @pytest.mark.parametrize("in_features, out_features", SHAPES)
 def test_quantized_linear_is_the_float_kernel_over_dequantized_weights(fmt, batch, in_features, out_features):
-    rows = FORMATS[fmt](torch.randn(out_features, in_features))
-    layer = linear(rows, bias=True, gated=False)
+    to_rows, rounds_inputs = FORMATS[fmt]
+    rows = to_rows(torch.randn(out_features, in_features))
+    layer = linear(rows, bias=True, gated=False, int8_inputs=rounds_inputs)
     weight = rows.dequantize()
-    x, residual = torch.randn(batch, in_features), torch.randn(batch, out_features)
-    out = layer(x, residual)
-    if exact_path(batch):  # weights expanded exactly as dequantize() does, summed in the float kernel's order
+    residual = torch.randn(batch, out_features)
+    given = torch.randn(batch, in_features)
+    out, x = layer(given, residual), inputs(fmt, given)
+    if exact_path(fmt, batch):  # weights expanded exactly as dequantize() does, summed in the float kernel's order
         assert torch.equal(out, load_cpu_kernels().linear(x, to_panels(weight), out_features, layer.bias.data, residual))
     expected = x.double() @ weight.double().T + layer.bias.double() + residual.double()
     bound = x.double().abs() @ weight.double().abs().T + layer.bias.double().abs() + residual.double().abs()
@@ -70,13 +85,14 @@ def test_quantized_linear_is_the_float_kernel_over_dequantized_weights(fmt, batc
 @pytest.mark.parametrize("batch", ROWS)
 @pytest.mark.parametrize("in_features, width", SHAPES)
 def test_quantized_gate_up_is_the_silu_product_of_dequantized_weights(fmt, batch, in_features, width):
-    rows = FORMATS[fmt](torch.randn(2 * width, in_features))
-    layer = linear(rows, bias=False, gated=True)
+    to_rows, rounds_inputs = FORMATS[fmt]
+    rows = to_rows(torch.randn(2 * width, in_features))
+    layer = linear(rows, bias=False, gated=True, int8_inputs=rounds_inputs)
     gate, up = rows.dequantize().chunk(2)
-    x = torch.randn(batch, in_features)
-    out = layer(x)
+    given = torch.randn(batch, in_features)
+    out, x = layer(given), inputs(fmt, given)
     assert out.shape == (batch, width)
-    if exact_path(batch):
+    if exact_path(fmt, batch):
         assert torch.equal(out, load_cpu_kernels().gate_up(x, to_gate_up_panels(gate, up), width))
     expected = F.silu(x.double() @ gate.double().T) * (x.double() @ up.double().T)
     assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
@@ -122,9 +138,9 @@ def test_avx2_and_avx512_builds_agree(batch):
     panels, gate_up = to_panels(weight), to_gate_up_panels(*weight.chunk(2))
     assert torch.equal(narrow.linear(x, panels, 40, None, None), wide.linear(x, panels, 40, None, None))
     assert torch.equal(narrow.gate_up(x, gate_up, 20), wide.gate_up(x, gate_up, 20))
-    for to_rows in FORMATS.values():
+    for to_rows, rounds_inputs in FORMATS.values():
         rows = to_rows(weight)
-        layer = linear(rows, bias=False, gated=False)
+        layer = linear(rows, bias=False, gated=False, int8_inputs=rounds_inputs)
         outs = []
         for kernels in (narrow, wide):
             layer.kernels = kernels

@@ -141,20 +141,27 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
-/* Quantized weights (weight-only: x stays float32), in the same panels of 16 output columns.
+/* Quantized weights, in the same panels of 16 output columns. Q8 and Q4 are weight-only (x stays float32);
+ * Q4_X8 multiplies Q4's weights with x quantized to int8.
  *
  * Q8: int8 q, w = q * scale, one float32 scale per column and `group` k (group = K: per output channel;
  *     32: GGUF's Q8_0). data [P][K][16] int8, scales [P][K/group][16] float.
  * Q4: 4-bit q in 0..15, w = q * d + m per column and 32 k (GGUF's Q4_1; Q4_0 is m = -8 d). data
  *     [P][K/32][16][16] bytes: byte j of a group holds k = j (low nibble) and k = j + 16 (high), one
  *     byte per column; d, m [P][K/32][16] float16.
+ * Q4_X8: Q4's values, d and m, with x quantized per row and 32 k to int8 (symmetric: qx = round(x / dx),
+ *     dx = max|x| / 127) and the products summed as integers: per group, sum_k x_k w_k is taken as
+ *     dx d sum_k qx_k q_k + m dx sum_k qx_k, the product with x rounded to dx qx. data [P][2][K/32][4][8][4] bytes: for each
+ *     half of the panel (columns 0-7, 8-15), group and octet o of k, 4 bytes per column, byte i holding
+ *     k = 8o + i (low nibble) and k = 8o + 4 + i (high), so that one byte-pair multiply-add
+ *     (maddubs) sums two k of one column.
  * Up to Q_ROWS rows of x the weights are expanded in registers (the tiles below, which apply the scales
  * once per group); above that each panel is expanded once into a per-thread buffer and the float tile
  * runs over it (measured faster from 5 rows on, benchmarks/README.md). Expanding is exactly GGUF's
  * reference dequantization (a multiply, then an add), so the expanded path gives the float kernel's
- * results over the dequantized weights bit for bit.
+ * results over the dequantized weights bit for bit. Q4_X8 runs its integer tile at every row count.
  */
-enum { FORMAT_F32 = 0, FORMAT_Q8 = 1, FORMAT_Q4 = 2 };
+enum { FORMAT_F32 = 0, FORMAT_Q8 = 1, FORMAT_Q4 = 2, FORMAT_Q4_X8 = 3 };
 #define Q_ROWS 4
 
 typedef struct {
@@ -352,6 +359,114 @@ static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_
     }
 }
 
+/* Rows of x quantized for Q4_X8: q [M][K] int8, scale (dx) and sum (dx sum_k qx_k) [M][K/32]. */
+typedef struct {
+    int8_t *q;
+    float *scale, *sum;
+} Int8Rows;
+
+/* Bytes of an Int8Rows of M rows of K in one buffer. */
+static int64_t int8_rows_bytes(int64_t M, int64_t K) { return M * K + 2 * M * (K / 32) * (int64_t)sizeof(float); }
+
+static Int8Rows int8_rows_in(void *buffer, int64_t M, int64_t K) {
+    Int8Rows rows = {buffer, NULL, NULL};
+    rows.scale = (float *)(rows.q + M * K);
+    rows.sum = rows.scale + M * (K / 32);
+    return rows;
+}
+
+static inline float hmax(__m256 v) {
+    __m128 quad = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 pair = _mm_max_ps(quad, _mm_movehl_ps(quad, quad));
+    return _mm_cvtss_f32(_mm_max_ss(pair, _mm_movehdup_ps(pair)));
+}
+
+/* Row `r` of x [..][K] into row r of `rows`: per group of 32, dx = max|x| / 127 and qx = round(x * (127 / max|x|)),
+ * to nearest even (0 for an all-zero group). */
+static void quantize_row(const float *x, int64_t r, int64_t K, Int8Rows rows) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the lane interleave of the two packs
+    for (int64_t g = 0; g < K / 32; g++) {
+        const float *xg = x + r * K + g * 32;
+        __m256 v0 = _mm256_loadu_ps(xg), v1 = _mm256_loadu_ps(xg + 8), v2 = _mm256_loadu_ps(xg + 16), v3 = _mm256_loadu_ps(xg + 24);
+        __m256 largest = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, magnitude), _mm256_and_ps(v1, magnitude)),
+                                       _mm256_max_ps(_mm256_and_ps(v2, magnitude), _mm256_and_ps(v3, magnitude)));
+        float amax = hmax(largest);
+        __m256 inverse = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inverse)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inverse));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inverse)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inverse));
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(rows.q + r * K + g * 32), _mm256_permutevar8x32_epi32(bytes, order));
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        rows.scale[r * (K / 32) + g] = amax / 127.0f;
+        rows.sum[r * (K / 32) + g] = amax / 127.0f * hsum(_mm256_cvtepi32_ps(sum));  // hsum is exact: |sum| <= 32 * 127
+    }
+}
+
+/* x [M][K] quantized for Q4_X8. Up to Q_ROWS rows each thread quantizes all of them into its own `private_buffer`
+ * (no barrier: that is cheaper than waiting for one another at decode sizes); above, the threads share the rows
+ * out into `shared_buffer` and wait for each other at the end of the loop. */
+static Int8Rows quantize_rows(const float *x, int64_t M, int64_t K, void *private_buffer, void *shared_buffer) {
+    if (M <= Q_ROWS) {
+        Int8Rows rows = int8_rows_in(private_buffer, M, K);
+        for (int64_t r = 0; r < M; r++) quantize_row(x, r, K, rows);
+        return rows;
+    }
+    Int8Rows rows = int8_rows_in(shared_buffer, M, K);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; r++) quantize_row(x, r, K, rows);
+    return rows;
+}
+
+/* Up to Q_ROWS rows of int8 x against one Q4_X8 panel (AVX2, in both builds), a half (8 columns) at a time.
+ * Per octet of k, the byte pairs multiply-add into 16-bit sums (maddubs: 4-bit q times int8 x, two k per
+ * lane), a group's four octets adding up to at most 4 * 2 * 2 * 15 * 127 = 30480 < 2^15; per group the
+ * pairs widen to 32 bits and the scales apply: dx d sum + m sum x. `first` is the rows' first row in xq. */
+static inline __attribute__((always_inline)) void tile_q4_x8(Int8Rows xq, int64_t first, int64_t K, const uint8_t *q,
+                                                             const uint16_t *d, const uint16_t *m, int rows, float acc[][ACC_WIDTH]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int64_t groups = K / 32;
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *stream = q + half * groups * 128;
+        __m256 total[Q_ROWS];
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++) total[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *block = stream + g * 128;
+            _mm_prefetch((const char *)(block + Q_PREFETCH_K * PANEL), _MM_HINT_T0);
+            _mm_prefetch((const char *)(block + Q_PREFETCH_K * PANEL + 64), _MM_HINT_T0);
+            __m256i sums[Q_ROWS];
+#pragma GCC unroll 4
+            for (int r = 0; r < rows; r++) sums[r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+            for (int o = 0; o < 4; o++) {
+                __m256i bytes = _mm256_loadu_si256((const __m256i *)(block + o * 32));
+                __m256i low = _mm256_and_si256(bytes, low4), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+#pragma GCC unroll 4
+                for (int r = 0; r < rows; r++) {
+                    const int8_t *xo = xq.q + (first + r) * K + g * 32 + o * 8;
+                    int32_t first4, second4;
+                    memcpy(&first4, xo, 4);
+                    memcpy(&second4, xo + 4, 4);
+                    __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_set1_epi32(first4)),
+                                                     _mm256_maddubs_epi16(high, _mm256_set1_epi32(second4)));
+                    sums[r] = _mm256_add_epi16(sums[r], pairs);
+                }
+            }
+            __m256 dg = half_lanes(d + g * PANEL + half * 8), mg = half_lanes(m + g * PANEL + half * 8);
+#pragma GCC unroll 4
+            for (int r = 0; r < rows; r++) {
+                int64_t at = (first + r) * groups + g;
+                __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones));
+                __m256 offset = _mm256_mul_ps(mg, _mm256_set1_ps(xq.sum[at]));
+                total[r] = _mm256_add_ps(total[r], _mm256_fmadd_ps(dot, _mm256_mul_ps(dg, _mm256_set1_ps(xq.scale[at])), offset));
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++) _mm256_storeu_ps(acc[r] + half * 8, total[r]);
+    }
+}
+
 #ifdef __AVX512F__
 /* With AVX-512 (compiled in where the CPU has it) a panel's 16 columns are one register: every row keeps
  * CHAINS partial sums. */
@@ -435,7 +550,24 @@ static inline __attribute__((always_inline)) void tile_q4_512(const float *x, in
 #define TILE_Q4 tile_q4
 #endif
 
-static void tile_quantized(const Weights *w, int64_t p, const float *x, int64_t K, int rows, float acc[][ACC_WIDTH]) {
+/* The in-register tile of a quantized panel p for `rows` rows from row `first` (x there, or its int8 rows xq for Q4_X8,
+ * which takes up to MAX_ROWS rows, Q_ROWS at a time; the others up to Q_ROWS). */
+static void tile_quantized(const Weights *w, int64_t p, const float *x, Int8Rows xq, int64_t first, int64_t K, int rows,
+                           float acc[][ACC_WIDTH]) {
+    if (w->format == FORMAT_Q4_X8) {
+        const uint8_t *q = (const uint8_t *)w->data + p * (K / 2) * PANEL;
+        const uint16_t *d = (const uint16_t *)w->scales + p * (K / 32) * PANEL, *m = (const uint16_t *)w->mins + p * (K / 32) * PANEL;
+        for (int r = 0; r < rows; r += Q_ROWS) {
+            switch (rows - r < Q_ROWS ? rows - r : Q_ROWS) {
+            case 1: tile_q4_x8(xq, first + r, K, q, d, m, 1, acc + r); break;
+            case 2: tile_q4_x8(xq, first + r, K, q, d, m, 2, acc + r); break;
+            case 3: tile_q4_x8(xq, first + r, K, q, d, m, 3, acc + r); break;
+            default: tile_q4_x8(xq, first + r, K, q, d, m, 4, acc + r); break;
+            }
+        }
+        return;
+    }
+    x += first * K;
     if (w->format == FORMAT_Q8) {
         const int8_t *q = (const int8_t *)w->data + p * K * PANEL;
         const float *s = (const float *)w->scales + p * (K / w->group) * PANEL;
@@ -464,12 +596,15 @@ static void tile_quantized(const Weights *w, int64_t p, const float *x, int64_t 
  * handed out one group at a time: when another process takes a core from one thread (Ray's daemons
  * next to a served engine), the other goes on with the remaining panels instead of waiting at the
  * barrier for a fixed half (benchmarks/README.md);
- * `scratch` is the calling thread's buffer of TILE_PANELS * K * PANEL floats, needed for quantized weights above
- * Q_ROWS rows. */
+ * `scratch` is the calling thread's buffer of TILE_PANELS * K * PANEL floats (panel_scratch), needed for quantized
+ * weights (expanded panels above Q_ROWS rows; Q4_X8's int8 rows up to Q_ROWS), `shared_rows` one of
+ * int8_rows_bytes(M, K) all threads share, needed for Q4_X8 above Q_ROWS rows. */
 static void panels_body(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
-                        const float *residual, float *out, float *scratch) {
+                        const float *residual, float *out, float *scratch, void *shared_rows) {
     int64_t columns = gated ? 8 : PANEL, num_panels = (N + columns - 1) / columns, groups = (num_panels + TILE_PANELS - 1) / TILE_PANELS;
-    int expand = w->format != FORMAT_F32 && M > Q_ROWS;
+    int expand = (w->format == FORMAT_Q8 || w->format == FORMAT_Q4) && M > Q_ROWS;
+    Int8Rows xq = {NULL, NULL, NULL};
+    if (w->format == FORMAT_Q4_X8) xq = quantize_rows(x, M, K, scratch, shared_rows);
 #pragma omp for schedule(dynamic)
     for (int64_t group = 0; group < groups; group++) {
         int64_t first = group * TILE_PANELS;
@@ -485,7 +620,7 @@ static void panels_body(const Weights *w, const float *x, int64_t M, int64_t K, 
             if (w->format == FORMAT_F32 || expand)
                 tile_group(x + m * K, K, panels, count, rows, acc);
             else
-                for (int i = 0; i < count; i++) tile_quantized(w, first + i, x + m * K, K, rows, (float(*)[ACC_WIDTH])(acc[0] + i * PANEL));
+                for (int i = 0; i < count; i++) tile_quantized(w, first + i, x, xq, m, K, rows, (float(*)[ACC_WIDTH])(acc[0] + i * PANEL));
             for (int i = 0; i < count; i++) {
                 int64_t col = (first + i) * columns, width = N - col < columns ? N - col : columns;
                 for (int r = 0; r < rows; r++) {
@@ -507,16 +642,18 @@ static void panels_body(const Weights *w, const float *x, int64_t M, int64_t K, 
     }
 }
 
-static float *panel_scratch(int64_t M, int64_t K) { return M > Q_ROWS ? aligned_alloc(64, TILE_PANELS * K * PANEL * sizeof(float)) : NULL; }
+static float *panel_scratch(int64_t K) { return aligned_alloc(64, TILE_PANELS * K * PANEL * sizeof(float)); }
 
 static void run_panels(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
                        const float *residual, float *out, int threads) {
+    void *shared_rows = w->format == FORMAT_Q4_X8 && M > Q_ROWS ? malloc(int8_rows_bytes(M, K)) : NULL;
 #pragma omp parallel num_threads(threads)
     {
-        float *scratch = w->format != FORMAT_F32 ? panel_scratch(M, K) : NULL;
-        panels_body(w, x, M, K, N, gated, bias, residual, out, scratch);
+        float *scratch = w->format != FORMAT_F32 ? panel_scratch(K) : NULL;
+        panels_body(w, x, M, K, N, gated, bias, residual, out, scratch, shared_rows);
         free(scratch);
     }
+    free(shared_rows);
 }
 
 /* out = x W^T (+ bias) (+ residual); bias [N] and residual [M][N] may be NULL. */
@@ -532,7 +669,7 @@ void llm_gate_up(const float *x, int64_t M, int64_t K, const float *panels, int6
     run_panels(&w, x, M, K, width, 1, NULL, NULL, out, threads);
 }
 
-/* llm_linear and llm_gate_up (gated = 1) over quantized panels; format FORMAT_Q8 or FORMAT_Q4. */
+/* llm_linear and llm_gate_up (gated = 1) over quantized panels; format FORMAT_Q8, FORMAT_Q4 or FORMAT_Q4_X8. */
 void llm_quantized(const float *x, int64_t M, int64_t K, int format, const void *data, const void *scales, const void *mins,
                    int64_t group, int64_t N, int gated, const float *bias, const float *residual, float *out, int threads) {
     Weights w = {format, data, scales, mins, group};
@@ -722,20 +859,21 @@ void llm_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int6
     widest = H * D > widest ? H * D : widest;
     float *h = malloc(sizeof(float) * B * hidden), *qkv = malloc(sizeof(float) * B * qkv_width);
     float *attn = malloc(sizeof(float) * B * H * D), *gated = malloc(sizeof(float) * B * inter);
+    void *shared_rows = B > Q_ROWS ? malloc(int8_rows_bytes(B, widest)) : NULL;
 #pragma omp parallel num_threads(threads)
     {
-        float *scratch = panel_scratch(B, widest);
+        float *scratch = panel_scratch(widest);
         for (int64_t l = 0; l < L; l++) {
             const Layer *layer = layers + l;
             rms_norm_body(x, B, hidden, layer->input_norm, eps, h);
-            panels_body(&layer->qkv, h, B, hidden, qkv_width, 0, layer->qkv_bias, NULL, qkv, scratch);
+            panels_body(&layer->qkv, h, B, hidden, qkv_width, 0, layer->qkv_bias, NULL, qkv, scratch, shared_rows);
             rope_store_body(qkv, B, H, KVH, D, cos, sin, slots, layer->k_cache, layer->v_cache);
             decode_attention_body(qkv, qkv_width, B, H, KVH, D, layer->k_cache, layer->v_cache, block_size, block_tables, max_blocks,
                                   context_lens, scale, attn);
-            panels_body(&layer->o, attn, B, H * D, hidden, 0, NULL, x, x, scratch);
+            panels_body(&layer->o, attn, B, H * D, hidden, 0, NULL, x, x, scratch, shared_rows);
             rms_norm_body(x, B, hidden, layer->post_norm, eps, h);
-            panels_body(&layer->gate_up, h, B, hidden, inter, 1, NULL, NULL, gated, scratch);
-            panels_body(&layer->down, gated, B, inter, hidden, 0, NULL, x, x, scratch);
+            panels_body(&layer->gate_up, h, B, hidden, inter, 1, NULL, NULL, gated, scratch, shared_rows);
+            panels_body(&layer->down, gated, B, inter, hidden, 0, NULL, x, x, scratch, shared_rows);
         }
         free(scratch);
     }
@@ -743,4 +881,5 @@ void llm_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int6
     free(qkv);
     free(attn);
     free(gated);
+    free(shared_rows);
 }

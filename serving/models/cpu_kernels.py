@@ -41,8 +41,8 @@ _SIGNATURES = {
     "quantized": [_POINTER, _SIZE, _SIZE, _INT, _POINTER, _POINTER, _POINTER, _SIZE, _SIZE, _INT, _POINTER, _POINTER, _POINTER, _INT],
     "decode_layers": [_POINTER, _SIZE, _POINTER, *[_SIZE] * 6, _FLOAT, *[_POINTER] * 3, _SIZE, _POINTER, _SIZE, _POINTER, _FLOAT, _INT],
 }
-# weight formats of llm_quantized (FORMAT_* in cpu_kernels.c)
-QUANTIZED_FORMATS = {"q8": 1, "q4": 2}
+# weight formats of llm_quantized (FORMAT_* in cpu_kernels.c); q4_x8: q4 weights times int8-quantized inputs
+QUANTIZED_FORMATS = {"q8": 1, "q4": 2, "q4_x8": 3}
 FLOAT_FORMAT = 0
 
 
@@ -103,7 +103,7 @@ class CpuKernels:
     def quantized(
         self,
         x: torch.Tensor,
-        kind: str,
+        fmt: str,
         data: torch.Tensor,
         scales: torch.Tensor,
         mins: torch.Tensor | None,
@@ -113,11 +113,12 @@ class CpuKernels:
         bias: torch.Tensor | None,
         residual: torch.Tensor | None,
     ) -> torch.Tensor:
-        """`linear` (gated False) or `gate_up` (True) over quantized panels packed by serving/models/quant.py."""
+        """`linear` (gated False) or `gate_up` (True) over quantized panels packed by serving/models/quant.py,
+        in weight format `fmt` (QUANTIZED_FORMATS)."""
         m, k = x.shape
         out = torch.empty(m, n)
         self._quantized(
-            x.data_ptr(), m, k, QUANTIZED_FORMATS[kind], data.data_ptr(), scales.data_ptr(), _ptr(mins), group, n, int(gated),
+            x.data_ptr(), m, k, QUANTIZED_FORMATS[fmt], data.data_ptr(), scales.data_ptr(), _ptr(mins), group, n, int(gated),
             _ptr(bias), _ptr(residual), out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return out

@@ -164,7 +164,7 @@ class FusedDecode:
 def _panel_weights(linear: nn.Module) -> PanelWeights:
     if isinstance(linear, QuantLinear):
         mins = None if linear.mins is None else linear.mins.data_ptr()
-        return PanelWeights(QUANTIZED_FORMATS[linear.kind], linear.data.data_ptr(), linear.scales.data_ptr(), mins, linear.group)
+        return PanelWeights(QUANTIZED_FORMATS[linear.format], linear.data.data_ptr(), linear.scales.data_ptr(), mins, linear.group)
     return PanelWeights(FLOAT_FORMAT, linear.panels.data_ptr(), None, None, 0)
 
 

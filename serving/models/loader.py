@@ -131,7 +131,9 @@ def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) 
         parent = model.get_submodule(parent_name)
         layer = getattr(parent, attr)
         try:
-            replacement = _quantized_layer(layer, kind, per_channel=quantization in KINDS)
+            # int4's 4-bit layers take int8 inputs; its int8 embedding/head and every gguf layer float ones
+            int8_inputs = quantization == "int4" and kind == "q4"
+            replacement = _quantized_layer(layer, kind, per_channel=quantization in KINDS, int8_inputs=int8_inputs)
         except QuantizationError as error:
             raise QuantizationError(f"quantization {quantization!r} cannot hold {name}: {error}") from None
         replacement.weight_slices = layer.weight_slices
@@ -140,9 +142,9 @@ def _quantize_layers(model: LlamaForCausalLM, quantization: str, readers: list) 
     return quantized
 
 
-def _quantized_layer(layer: nn.Module, kind: str, per_channel: bool) -> QuantizedWeight | Fp8Linear:
+def _quantized_layer(layer: nn.Module, kind: str, per_channel: bool, int8_inputs: bool) -> QuantizedWeight | Fp8Linear:
     """The empty layer of storage `kind` that takes `layer`'s place; `per_channel` q8 has one scale per row
-    (int8 quantized at load), otherwise one per GROUP inputs (GGUF's Q8_0)."""
+    (int8 quantized at load), otherwise one per GROUP inputs (GGUF's Q8_0); `int8_inputs`: see QuantLinear."""
     if isinstance(layer, nn.Embedding):
         rows, cols = layer.num_embeddings, layer.embedding_dim
     else:
@@ -153,7 +155,7 @@ def _quantized_layer(layer: nn.Module, kind: str, per_channel: bool) -> Quantize
     group = cols if kind == "q8" and per_channel else GROUP
     if isinstance(layer, nn.Embedding):
         return QuantEmbedding(kind, rows, cols, group)
-    return QuantLinear(kind, rows, cols, group, bias=layer.bias is not None, gated=gated)
+    return QuantLinear(kind, rows, cols, group, bias=layer.bias is not None, gated=gated, int8_inputs=int8_inputs)
 
 
 def _gguf_kinds(model: LlamaForCausalLM, reader) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Weight-only quantization on CPU: int8 and 4-bit weights, float32 activations.
+"""Quantization on CPU: int8 and 4-bit weights; float32 activations, or int8 ones for int4's layers.
 
 Two storage kinds, both in GGUF's block layouts so that GGUF files load without any loss:
 - "q8": int8 q, w = q * scale, a float32 scale per output row and `group` inputs. Load-time
@@ -9,6 +9,11 @@ Two storage kinds, both in GGUF's block layouts so that GGUF files load without 
 
 While the model loads, a QuantLinear holds its rows in this row-major form; `pack` rearranges them
 into the panels of the CPU kernels (serving/models/cpu_kernels.c), where all products happen.
+The layers of `int4` (quantized at load) take their inputs as int8 (`int8_inputs`: per row and 32
+inputs, scale max|x| / 127) and sum the products as integers, as llama.cpp does for its 4-bit types:
+on AVX2 the 4-bit weights cannot be widened to float fast enough to keep up with memory
+(benchmarks/README.md). GGUF files served in their own precision keep float inputs, so that they give
+the float model of their dequantized weights; so does int8 ("activations stay float").
 Quantizing at load time works tensor by tensor, so peak memory is the quantized model plus one
 float tensor. Row-parallel slices (tensor parallelism splits inputs) are cut after quantizing the
 whole row, so every slice carries its row's scale and the slices sum to the single-worker result.
@@ -139,11 +144,15 @@ class QuantizedWeight(nn.Module):
 
 class QuantLinear(QuantizedWeight):
     """y = x W^T (+ bias) (+ residual), or silu(x Wg^T) * x Wu^T when `gated` (gate rows, then up rows),
-    on the CPU kernels once `pack`ed."""
+    on the CPU kernels once `pack`ed; with `int8_inputs` (q4 only) x is quantized to int8 by the kernels."""
 
-    def __init__(self, kind: str, out_features: int, in_features: int, group: int, bias: bool, gated: bool) -> None:
+    def __init__(
+        self, kind: str, out_features: int, in_features: int, group: int, bias: bool, gated: bool, int8_inputs: bool = False
+    ) -> None:
         super().__init__(kind, out_features, in_features, group)
-        self.out_features, self.in_features, self.gated = out_features, in_features, gated
+        if int8_inputs and kind != "q4":
+            raise QuantizationError(f"int8 inputs are implemented for q4 weights, not {kind}")
+        self.out_features, self.in_features, self.gated, self.int8_inputs = out_features, in_features, gated, int8_inputs
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.kernels: CpuKernels | None = None
 
@@ -158,13 +167,18 @@ class QuantLinear(QuantizedWeight):
             rows = _pad_rows(rows, 2 * width + 1).select_rows(torch.cat((gate, up), dim=1).flatten())
         panels = -(-rows.data.shape[0] // 16)
         rows = _pad_rows(rows, panels * 16)
-        self.data = _panel(rows.data, panels)
+        self.data = _int8_input_panel(rows.data, panels) if self.int8_inputs else _panel(rows.data, panels)
         self.scales = _panel(rows.scales, panels)
         self.mins = None if rows.mins is None else _panel(rows.mins, panels)
         self.kernels = kernels
 
+    @property
+    def format(self) -> str:
+        """The kernels' weight format (QUANTIZED_FORMATS in serving/models/cpu_kernels.py)."""
+        return "q4_x8" if self.int8_inputs else self.kind
+
     def packed_rows(self, index: torch.Tensor) -> QuantRows:
-        """Rows `index` of a packed, ungated layer (row n is column n % 16 of panel n // 16)."""
+        """Rows `index` of a packed, ungated layer with float inputs (row n is column n % 16 of panel n // 16)."""
         panel, column = index // 16, index % 16
         mins = None if self.mins is None else self.mins[panel, :, column]
         return QuantRows(self.kind, self.data[panel, :, column], self.scales[panel, :, column], mins, self.group)
@@ -174,7 +188,9 @@ class QuantLinear(QuantizedWeight):
         if residual is not None:
             residual = residual.reshape(rows.shape[0], -1).contiguous()
         width = self.out_features // 2 if self.gated else self.out_features
-        out = self.kernels.quantized(rows, self.kind, self.data, self.scales, self.mins, self.group, width, self.gated, self.bias, residual)
+        out = self.kernels.quantized(
+            rows, self.format, self.data, self.scales, self.mins, self.group, width, self.gated, self.bias, residual
+        )
         return out.view(*x.shape[:-1], width)
 
 
@@ -188,6 +204,16 @@ def _pad_rows(rows: QuantRows, count: int) -> QuantRows:
 def _panel(values: torch.Tensor, panels: int) -> torch.Tensor:
     """[panels * 16, n] -> [panels, n, 16]."""
     return values.view(panels, 16, -1).transpose(1, 2).contiguous()
+
+
+def _int8_input_panel(data: torch.Tensor, panels: int) -> torch.Tensor:
+    """q4 rows [panels * 16, cols / 2] -> Q4_X8 panels [panels, 2 halves, cols / 32, 4 octets, 8 columns, 4 bytes]:
+    byte i of octet o holds inputs 8 o + i (low nibble) and 8 o + 4 + i (high) of its group."""
+    groups = data.shape[1] // (GROUP // 2)
+    bytes_ = data.view(panels * 16, groups, GROUP // 2)
+    q = torch.cat((bytes_ & 15, bytes_ >> 4), dim=-1).view(panels * 16, groups, 4, 2, 4)  # input 8 o + 4 s + i
+    packed = q[..., 0, :] | (q[..., 1, :] << 4)
+    return packed.view(panels, 2, 8, groups, 4, 4).permute(0, 1, 3, 4, 2, 5).contiguous()
 
 
 class QuantEmbedding(QuantizedWeight):
