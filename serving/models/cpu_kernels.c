@@ -244,6 +244,7 @@ static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
  * AVX2: a panel's 16 columns are two registers, and the partial sums of all rows must fit in 16 registers
  * beside the weights: 4 chains at one row, 2 at two, 1 from three rows on (6+ independent sums already). */
 #define Q_PREFETCH_K 64  // weights are prefetched this many k ahead (a prefetch past the end never faults)
+#define Q4_X8_PREFETCH 4096  // bytes ahead in Q4_X8's weights (32 groups: 1 KB measured 1.12x slower from memory)
 #define AVX2_CHAINS(rows) ((rows) == 1 ? 4 : (rows) == 2 ? 2 : 1)
 
 /* One row's partial sums (`chains` of them) added up. */
@@ -433,8 +434,8 @@ static inline __attribute__((always_inline)) void tile_q4_x8(Int8Rows xq, int64_
         for (int r = 0; r < rows; r++) total[r] = _mm256_setzero_ps();
         for (int64_t g = 0; g < groups; g++) {
             const uint8_t *block = stream + g * 128;
-            _mm_prefetch((const char *)(block + Q_PREFETCH_K * PANEL), _MM_HINT_T0);
-            _mm_prefetch((const char *)(block + Q_PREFETCH_K * PANEL + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(block + Q4_X8_PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(block + Q4_X8_PREFETCH + 64), _MM_HINT_T0);
             __m256i sums[Q_ROWS];
 #pragma GCC unroll 4
             for (int r = 0; r < rows; r++) sums[r] = _mm256_setzero_si256();
@@ -589,56 +590,79 @@ static void tile_quantized(const Weights *w, int64_t p, const float *x, Int8Rows
     }
 }
 
+/* One product out[M][N] = x W^T as the threads share it (see panels_body). */
+typedef struct {
+    const Weights *w;
+    const float *x, *bias, *residual;
+    Int8Rows xq;  // x in int8, for Q4_X8
+    int64_t M, K, N, columns, num_panels;
+    int gated, expand;
+    float *out, *scratch;
+} Product;
+
+/* Panels [group * TILE_PANELS, + TILE_PANELS) of a product, for all its rows, epilogue included. */
+static void panel_group(const Product *p, int64_t group) {
+    const Weights *w = p->w;
+    int64_t K = p->K, N = p->N, first = group * TILE_PANELS;
+    int count = p->num_panels - first < TILE_PANELS ? (int)(p->num_panels - first) : TILE_PANELS;
+    const float *panels[TILE_PANELS] = {NULL};
+    for (int i = 0; i < count; i++) {
+        panels[i] = w->format == FORMAT_F32 ? (const float *)w->data + (first + i) * K * PANEL : p->scratch + i * K * PANEL;
+        if (p->expand) expand_panel(w, first + i, K, p->scratch + i * K * PANEL);
+    }
+    float acc[MAX_ROWS][ACC_WIDTH], gated_row[8];
+    for (int64_t m = 0; m < p->M; m += MAX_ROWS) {
+        int rows = p->M - m < MAX_ROWS ? (int)(p->M - m) : MAX_ROWS;
+        if (w->format == FORMAT_F32 || p->expand)
+            tile_group(p->x + m * K, K, panels, count, rows, acc);
+        else
+            for (int i = 0; i < count; i++) tile_quantized(w, first + i, p->x, p->xq, m, K, rows, (float(*)[ACC_WIDTH])(acc[0] + i * PANEL));
+        for (int i = 0; i < count; i++) {
+            int64_t col = (first + i) * p->columns, width = N - col < p->columns ? N - col : p->columns;
+            for (int r = 0; r < rows; r++) {
+                const float *sums = acc[r] + i * PANEL;
+                float *o = p->out + (m + r) * N + col;
+                if (p->gated) {
+                    __m256 gate = _mm256_loadu_ps(sums), up = _mm256_loadu_ps(sums + 8);
+                    __m256 sigmoid = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+                    _mm256_storeu_ps(gated_row, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid), up));
+                    memcpy(o, gated_row, width * sizeof(float));
+                    continue;
+                }
+                const float *res = p->residual ? p->residual + (m + r) * N + col : NULL;
+                for (int64_t c = 0; c < width; c++)
+                    o[c] = sums[c] + (p->bias ? p->bias[col + c] : 0.0f) + (res ? res[c] : 0.0f);
+            }
+        }
+    }
+}
+
 /* Every product: out[M][N] = x W^T with either epilogue. Linear (gated = 0): + bias + residual,
  * panels of 16 columns. Gated: panels of 8 gate then 8 up columns, out[M][N] = silu(gate) * up.
  * out may be the residual itself (each element is read, then written, by the same thread).
- * Shares the panels among the threads of the enclosing parallel region (or runs alone outside one),
- * handed out one group at a time: when another process takes a core from one thread (Ray's daemons
- * next to a served engine), the other goes on with the remaining panels instead of waiting at the
- * barrier for a fixed half (benchmarks/README.md);
+ * Shares the panels among the threads of the enclosing parallel region (or runs alone outside one).
+ * Float weights, and quantized ones above Q_ROWS rows, are handed out one group at a time: when another
+ * process takes a core from one thread (Ray's daemons next to a served engine), the other goes on with
+ * the remaining panels instead of waiting at the barrier for a fixed half (benchmarks/README.md).
+ * Quantized weights up to Q_ROWS rows are split in one contiguous half per thread instead: their panels
+ * are so short (a few KB) that one group at a time restarts each thread's weight stream every few KB,
+ * and the product ran at ~11 instead of ~20 GB/s (benchmarks/README.md).
  * `scratch` is the calling thread's buffer of TILE_PANELS * K * PANEL floats (panel_scratch), needed for quantized
  * weights (expanded panels above Q_ROWS rows; Q4_X8's int8 rows up to Q_ROWS), `shared_rows` one of
  * int8_rows_bytes(M, K) all threads share, needed for Q4_X8 above Q_ROWS rows. */
 static void panels_body(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
                         const float *residual, float *out, float *scratch, void *shared_rows) {
-    int64_t columns = gated ? 8 : PANEL, num_panels = (N + columns - 1) / columns, groups = (num_panels + TILE_PANELS - 1) / TILE_PANELS;
-    int expand = (w->format == FORMAT_Q8 || w->format == FORMAT_Q4) && M > Q_ROWS;
-    Int8Rows xq = {NULL, NULL, NULL};
-    if (w->format == FORMAT_Q4_X8) xq = quantize_rows(x, M, K, scratch, shared_rows);
+    Product p = {w, x, bias, residual, {NULL, NULL, NULL}, M, K, N, gated ? 8 : PANEL, 0, gated, 0, out, scratch};
+    p.num_panels = (N + p.columns - 1) / p.columns;
+    p.expand = (w->format == FORMAT_Q8 || w->format == FORMAT_Q4) && M > Q_ROWS;
+    if (w->format == FORMAT_Q4_X8) p.xq = quantize_rows(x, M, K, scratch, shared_rows);
+    int64_t groups = (p.num_panels + TILE_PANELS - 1) / TILE_PANELS;
+    if (w->format != FORMAT_F32 && M <= Q_ROWS) {
+#pragma omp for schedule(static)
+        for (int64_t group = 0; group < groups; group++) panel_group(&p, group);
+    } else {
 #pragma omp for schedule(dynamic)
-    for (int64_t group = 0; group < groups; group++) {
-        int64_t first = group * TILE_PANELS;
-        int count = num_panels - first < TILE_PANELS ? (int)(num_panels - first) : TILE_PANELS;
-        const float *panels[TILE_PANELS] = {NULL};
-        for (int i = 0; i < count; i++) {
-            panels[i] = w->format == FORMAT_F32 ? (const float *)w->data + (first + i) * K * PANEL : scratch + i * K * PANEL;
-            if (expand) expand_panel(w, first + i, K, scratch + i * K * PANEL);
-        }
-        float acc[MAX_ROWS][ACC_WIDTH], gated_row[8];
-        for (int64_t m = 0; m < M; m += MAX_ROWS) {
-            int rows = M - m < MAX_ROWS ? (int)(M - m) : MAX_ROWS;
-            if (w->format == FORMAT_F32 || expand)
-                tile_group(x + m * K, K, panels, count, rows, acc);
-            else
-                for (int i = 0; i < count; i++) tile_quantized(w, first + i, x, xq, m, K, rows, (float(*)[ACC_WIDTH])(acc[0] + i * PANEL));
-            for (int i = 0; i < count; i++) {
-                int64_t col = (first + i) * columns, width = N - col < columns ? N - col : columns;
-                for (int r = 0; r < rows; r++) {
-                    const float *sums = acc[r] + i * PANEL;
-                    float *o = out + (m + r) * N + col;
-                    if (gated) {
-                        __m256 gate = _mm256_loadu_ps(sums), up = _mm256_loadu_ps(sums + 8);
-                        __m256 sigmoid = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
-                        _mm256_storeu_ps(gated_row, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid), up));
-                        memcpy(o, gated_row, width * sizeof(float));
-                        continue;
-                    }
-                    const float *res = residual ? residual + (m + r) * N + col : NULL;
-                    for (int64_t c = 0; c < width; c++)
-                        o[c] = sums[c] + (bias ? bias[col + c] : 0.0f) + (res ? res[c] : 0.0f);
-                }
-            }
-        }
+        for (int64_t group = 0; group < groups; group++) panel_group(&p, group);
     }
 }
 
