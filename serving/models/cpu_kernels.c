@@ -243,8 +243,7 @@ static void expand_panel(const Weights *w, int64_t p, int64_t K, float *out) {
  * model's result to float32 rounding, not bit for bit: the order of the sums differs.
  * AVX2: a panel's 16 columns are two registers, and the partial sums of all rows must fit in 16 registers
  * beside the weights: 4 chains at one row, 2 at two, 1 from three rows on (6+ independent sums already). */
-#define Q_PREFETCH_K 64  // weights are prefetched this many k ahead (a prefetch past the end never faults)
-#define Q4_X8_PREFETCH 4096  // bytes ahead in Q4_X8's weights (32 groups: 1 KB measured 1.12x slower from memory)
+#define Q_PREFETCH 4096  // bytes the quantized tiles prefetch ahead in their weights (a prefetch past the end never faults)
 #define AVX2_CHAINS(rows) ((rows) == 1 ? 4 : (rows) == 2 ? 2 : 1)
 
 /* One row's partial sums (`chains` of them) added up. */
@@ -267,7 +266,7 @@ static inline __attribute__((always_inline)) void tile_q8(const float *x, int64_
         for (int i = 0; i < rows * chains; i++) lo[i] = hi[i] = _mm256_setzero_ps();
         int64_t k = g;
         for (; k + chains <= g + group; k += chains) {
-            _mm_prefetch((const char *)(q + (k + Q_PREFETCH_K) * PANEL), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + k * PANEL + Q_PREFETCH), _MM_HINT_T0);
 #pragma GCC unroll 4
             for (int c = 0; c < chains; c++) {
                 __m256 w_lo = q8_lanes(q + (k + c) * PANEL), w_hi = q8_lanes(q + (k + c) * PANEL + 8);
@@ -328,7 +327,7 @@ static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_
         const float *xg = x + g * 32;
 #pragma GCC unroll 2
         for (int j = 0; j < 16; j++) {
-            if ((j & 3) == 0) _mm_prefetch((const char *)(q + (g * 16 + j + Q_PREFETCH_K) * PANEL), _MM_HINT_T0);
+            if ((j & 3) == 0) _mm_prefetch((const char *)(q + (g * 16 + j) * PANEL + Q_PREFETCH), _MM_HINT_T0);
             __m256i b_lo, b_hi;
             q4_bytes(q + (g * 16 + j) * PANEL, &b_lo, &b_hi);
 #pragma GCC unroll 2
@@ -434,8 +433,8 @@ static inline __attribute__((always_inline)) void tile_q4_x8(Int8Rows xq, int64_
         for (int r = 0; r < rows; r++) total[r] = _mm256_setzero_ps();
         for (int64_t g = 0; g < groups; g++) {
             const uint8_t *block = stream + g * 128;
-            _mm_prefetch((const char *)(block + Q4_X8_PREFETCH), _MM_HINT_T0);
-            _mm_prefetch((const char *)(block + Q4_X8_PREFETCH + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(block + Q_PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(block + Q_PREFETCH + 64), _MM_HINT_T0);
             __m256i sums[Q_ROWS];
 #pragma GCC unroll 4
             for (int r = 0; r < rows; r++) sums[r] = _mm256_setzero_si256();
