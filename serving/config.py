@@ -31,8 +31,8 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when available.")
     quantization: Literal["none", "int8", "int4", "gguf", "fp8"] = Field(
         "none",
-        description="Weight format: 'int8' (per output channel) and 'int4' (groups of 32, scale and min) are quantized "
-        "at load time and run on the CPU kernels; 'gguf' serves a GGUF source (the default model's own Q4_1 file) in "
+        description="Weight format: 'int8' (per output channel) and 'int4' (groups of 32, scale and min; inputs rounded "
+        "to int8 per 32) are quantized at load time and run on the CPU kernels; 'gguf' serves a GGUF source (the default model's own Q4_1 file) in "
         "its own precision; 'fp8' (e4m3 weights with a scale per output channel, activations scaled per token) is "
         "quantized at load time, or read from an FP8 checkpoint, and runs on CUDA GPUs with FP8 units (compute capability 8.9+).",
     )

@@ -265,12 +265,13 @@ def _torch_openmp() -> list[str]:
     return [str(bundled[0])] if bundled else []
 
 
-def build(avx512: bool) -> Path:
+def build(avx512: bool, source: Path = SOURCE) -> Path:
     """Compile into the cache unless this source, flag set and OpenMP runtime were compiled before.
-    With `avx512` (where the CPU has it) the tiles are the 16-lane ones of cpu_kernels.c."""
+    With `avx512` (where the CPU has it) the tiles are the 16-lane ones of cpu_kernels.c. `source`
+    another version of cpu_kernels.c (benchmarks/kernel_ab.py compares two)."""
     wide = ["-mavx512f"] if avx512 else []
-    command = [_compiler(), *_FLAGS, *wide, str(SOURCE), *_torch_openmp(), "-lm"]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
+    command = [_compiler(), *_FLAGS, *wide, str(source), *_torch_openmp(), "-lm"]
+    key = hashlib.sha256(source.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
