@@ -31,14 +31,20 @@ from cluster.haproxy import haproxy_env
 STATE_FILE = "local-cluster.json"
 LOG_FILE = "local-cluster.log"
 _HOST = "127.0.0.1"
-# Ray keeps num_cpus idle worker processes ready for tasks; Serve runs only actors, each in a process of its own, and
-# every idle Ray worker wakes 100 times a second (~1% of a core, taken from the engine): let them go once idle.
-_IDLE_WORKERS_ENV = {"RAY_num_workers_soft_limit": "0"}
+# What every Ray node of the project runs with, here and in the Helm chart's pods (scripts/gen_chart_schema.py
+# writes both into the chart). Ray keeps num_cpus idle worker processes ready for tasks; Serve runs only actors, each
+# in a process of its own, and every idle Ray worker wakes 100 times a second (~1% of a core, taken from the
+# engine): let them go once idle.
+RAY_NODE_ENV = {"RAY_num_workers_soft_limit": "0"}
+# The log monitor copies every worker's output to connected drivers; ours connect with log_to_driver=False (and
+# Serve's REST deployments have none), the logs stay in their files (and the dashboard), and it would cost ~1% of a
+# core polling them.
+RAY_START_PARAMS = {"include-log-monitor": "false"}
 _HEAD_ENV = {
     "RAY_AUTH_MODE": "token",
     # a single-node cluster has nowhere to drain its work to: stop at once rather than after 30 s
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-} | _IDLE_WORKERS_ENV
+} | RAY_NODE_ENV
 
 
 @dataclass
@@ -74,7 +80,7 @@ def init_private_session(num_cpus: int | None = None) -> None:
     """Start a Ray session of this process's own on this machine (no dashboard, workers' output not echoed, no idle
     workers kept) and connect to it, its Serve ingress kept apart from any other Serve instance here (serve_ingress_env)."""
     saved = dict(os.environ)
-    os.environ.update(serve_ingress_env() | _IDLE_WORKERS_ENV)  # read by the raylet ray.init starts, and by its workers
+    os.environ.update(serve_ingress_env() | RAY_NODE_ENV)  # read by the raylet ray.init starts, and by its workers
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     finally:
@@ -130,10 +136,7 @@ def start(state_dir: Path, port: int | None = None, dashboard_port: int | None =
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
         f"--port={port}", f"--node-ip-address={_HOST}",
         "--include-dashboard=true", f"--dashboard-host={_HOST}", f"--dashboard-port={dashboard_port}",
-        "--disable-usage-stats",
-        # the log monitor copies every worker's output to connected drivers; ours connect with log_to_driver=False,
-        # the logs stay in their files (and the dashboard), and it would cost ~1% of a core polling them
-        "--include-log-monitor=false",
+        "--disable-usage-stats", *(f"--{name}={value}" for name, value in RAY_START_PARAMS.items()),
     ]  # fmt: skip
     log_path = state_dir / LOG_FILE
     with open(log_path, "wb") as log:

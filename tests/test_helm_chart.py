@@ -18,6 +18,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from cluster.local import RAY_NODE_ENV, RAY_START_PARAMS
 from serving.config import LLMConfig, ServerConfig
 from serving.server.replica_resources import replica_actor_options
 from serving.server.serve_env import SERVE_CONTROLLER_ENV
@@ -29,6 +30,7 @@ from tests.chart import (
     crd_schemas,
     helm,
     pod_templates,
+    rayservice,
     render,
     render_all,
     render_error,
@@ -221,6 +223,18 @@ def test_model_sources_reach_the_worker_pods(renders):
     env = {e["name"]: e for e in pod_templates(renders["llama-8b-tp2"])[1]["spec"]["containers"][0]["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     assert env["LLMCLUSTER_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "llm-api-keys", "key": "api-keys"}
+
+
+def test_every_ray_node_runs_with_the_projects_ray_settings(renders):
+    """The pods' Ray nodes keep no idle task workers and no log monitor, as the local cluster's (cluster/local.py)."""
+    for objects in renders.values():
+        cluster = rayservice(objects)["spec"]["rayClusterConfig"]
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            assert RAY_START_PARAMS.items() <= group["rayStartParams"].items()
+            ray = group["template"]["spec"]["containers"][0]
+            env = {e["name"]: e.get("value") for e in ray["env"]}
+            assert RAY_NODE_ENV.items() <= env.items()
+    assert RAY_NODE_ENV == {"RAY_num_workers_soft_limit": "0"} and RAY_START_PARAMS == {"include-log-monitor": "false"}
 
 
 def test_monitoring_objects_carry_the_shared_files(renders):

@@ -108,9 +108,11 @@ ray.io/group: {{ .group }}
 {{- end }}
 {{- end }}
 
-{{/* ray start parameters of a pod: the object store size (so it always fits /dev/shm), then the user's. */}}
+{{/* ray start parameters of a pod: the user's rayStartParams; where they set none, the object store size (so it
+     always fits /dev/shm) and RAY_START_PARAMS of cluster/local.py (through files/project-defaults.yaml); `extra` over all. */}}
 {{- define "llm-cluster.rayStartParams" -}}
-{{- $params := merge (deepCopy (.rayStartParams | default dict)) (dict "object-store-memory" (include "llm-cluster.objectStoreBytes" . | toString)) }}
+{{- $defaults := (include "llm-cluster.projectDefaults" .root | fromYaml).ray_start_params }}
+{{- $params := merge (deepCopy (.rayStartParams | default dict)) (dict "object-store-memory" (include "llm-cluster.objectStoreBytes" . | toString)) $defaults }}
 {{- range $key, $value := .extra }}
 {{- $_ := set $params $key $value }}
 {{- end }}
