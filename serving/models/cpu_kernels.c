@@ -325,20 +325,23 @@ static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_
 #pragma GCC unroll 16
         for (int i = 0; i < rows * chains; i++) lo[i] = hi[i] = _mm256_setzero_ps();
         const float *xg = x + g * 32;
+        for (int pair = 0; pair < 16; pair += 2) {  // j = pair + odd: the chain index must be a constant, or the sums leave the registers
+            if ((pair & 3) == 0) _mm_prefetch((const char *)(q + (g * 16 + pair) * PANEL + Q_PREFETCH), _MM_HINT_T0);
 #pragma GCC unroll 2
-        for (int j = 0; j < 16; j++) {
-            if ((j & 3) == 0) _mm_prefetch((const char *)(q + (g * 16 + j) * PANEL + Q_PREFETCH), _MM_HINT_T0);
-            __m256i b_lo, b_hi;
-            q4_bytes(q + (g * 16 + j) * PANEL, &b_lo, &b_hi);
+            for (int odd = 0; odd < 2; odd++) {
+                int j = pair + odd;
+                __m256i b_lo, b_hi;
+                q4_bytes(q + (g * 16 + j) * PANEL, &b_lo, &b_hi);
 #pragma GCC unroll 2
-            for (int half = 0; half < 2; half++) {
-                __m256 w_lo = half ? q4_high(b_lo) : q4_low(b_lo), w_hi = half ? q4_high(b_hi) : q4_low(b_hi);
-                int c = (half * 2 + (j & 1)) % chains;
+                for (int half = 0; half < 2; half++) {
+                    __m256 w_lo = half ? q4_high(b_lo) : q4_low(b_lo), w_hi = half ? q4_high(b_hi) : q4_low(b_hi);
+                    int c = (half * 2 + odd) % chains;
 #pragma GCC unroll 4
-                for (int r = 0; r < rows; r++) {
-                    __m256 xk = _mm256_broadcast_ss(xg + r * K + half * 16 + j);
-                    lo[r * chains + c] = _mm256_fmadd_ps(xk, w_lo, lo[r * chains + c]);
-                    hi[r * chains + c] = _mm256_fmadd_ps(xk, w_hi, hi[r * chains + c]);
+                    for (int r = 0; r < rows; r++) {
+                        __m256 xk = _mm256_broadcast_ss(xg + r * K + half * 16 + j);
+                        lo[r * chains + c] = _mm256_fmadd_ps(xk, w_lo, lo[r * chains + c]);
+                        hi[r * chains + c] = _mm256_fmadd_ps(xk, w_hi, hi[r * chains + c]);
+                    }
                 }
             }
         }
