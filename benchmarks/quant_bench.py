@@ -5,8 +5,9 @@
 
 Speed: every format (float32, int8, int4, the default model's own Q4_1 file served with `gguf`)
 stays loaded; each round runs all of them one after the other at batch 1, then at batch 32
-(prompts of 16 tokens, 128 output tokens each, ignore_eos), and the ratios to float32 are taken
-within each round, because this shared 2-core machine's speed drifts from minute to minute.
+(prompts of 16 tokens, 128 output tokens each, ignore_eos), in the reverse order every other round
+so that the drift within a round does not always fall on the same formats, and the ratios to float32
+are taken within each round, because this shared 2-core machine's speed drifts from minute to minute.
 Reported: the median over rounds of each ratio, and of tok/s.
 
 llama.cpp's Q8_0 (converted from the same folder) and Q4_1 (the embedded default's own GGUF) run in the same
@@ -118,10 +119,9 @@ def speed(args: argparse.Namespace) -> dict:
                 prompts = make_prompts(tokenizer, batch)
                 prompts_file = Path(tmp) / f"prompts-{batch}.json"
                 prompts_file.write_text(json.dumps(prompts), encoding="utf-8")
-                figures = {
-                    q: len(prompts) * args.output_len / engine_bench.time_engine(llm, prompts, args.output_len) for q, llm in ours.items()
-                }
-                figures |= {name: llamacpp_tok_s(args, model, prompts_file) for name, model in peers.items()}
+                order = list(ours) if r % 2 == 0 else list(ours)[::-1]  # which runs first alternates between rounds
+                timed = {q: len(prompts) * args.output_len / engine_bench.time_engine(ours[q], prompts, args.output_len) for q in order}
+                figures = {q: timed[q] for q in ours} | {name: llamacpp_tok_s(args, model, prompts_file) for name, model in peers.items()}
                 rounds[batch].append(figures)
                 print(f"round {r + 1} batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), flush=True)
     result = {
