@@ -53,9 +53,9 @@ def inputs(fmt: str, x: torch.Tensor) -> torch.Tensor:
     return int8_inputs(x) if FORMATS[fmt][1] else x
 
 
-def linear(rows: QuantRows, bias: bool, gated: bool, int8_inputs: bool = False) -> QuantLinear:
+def linear(rows: QuantRows, bias: bool, gated: bool, rounds_inputs: bool = False) -> QuantLinear:
     out_features, in_features = rows.shape
-    layer = QuantLinear(rows.kind, out_features, in_features, rows.group, bias=bias, gated=gated, int8_inputs=int8_inputs)
+    layer = QuantLinear(rows.kind, out_features, in_features, rows.group, bias=bias, gated=gated, int8_inputs=rounds_inputs)
     layer.load_rows(0, rows)
     if bias:
         layer.bias.data.normal_()
@@ -69,7 +69,7 @@ def linear(rows: QuantRows, bias: bool, gated: bool, int8_inputs: bool = False) 
 def test_quantized_linear_is_the_float_kernel_over_dequantized_weights(fmt, batch, in_features, out_features):
     to_rows, rounds_inputs = FORMATS[fmt]
     rows = to_rows(torch.randn(out_features, in_features))
-    layer = linear(rows, bias=True, gated=False, int8_inputs=rounds_inputs)
+    layer = linear(rows, bias=True, gated=False, rounds_inputs=rounds_inputs)
     weight = rows.dequantize()
     residual = torch.randn(batch, out_features)
     given = torch.randn(batch, in_features)
@@ -87,7 +87,7 @@ def test_quantized_linear_is_the_float_kernel_over_dequantized_weights(fmt, batc
 def test_quantized_gate_up_is_the_silu_product_of_dequantized_weights(fmt, batch, in_features, width):
     to_rows, rounds_inputs = FORMATS[fmt]
     rows = to_rows(torch.randn(2 * width, in_features))
-    layer = linear(rows, bias=False, gated=True, int8_inputs=rounds_inputs)
+    layer = linear(rows, bias=False, gated=True, rounds_inputs=rounds_inputs)
     gate, up = rows.dequantize().chunk(2)
     given = torch.randn(batch, in_features)
     out, x = layer(given), inputs(fmt, given)
@@ -140,7 +140,7 @@ def test_avx2_and_avx512_builds_agree(batch):
     assert torch.equal(narrow.gate_up(x, gate_up, 20), wide.gate_up(x, gate_up, 20))
     for to_rows, rounds_inputs in FORMATS.values():
         rows = to_rows(weight)
-        layer = linear(rows, bias=False, gated=False, int8_inputs=rounds_inputs)
+        layer = linear(rows, bias=False, gated=False, rounds_inputs=rounds_inputs)
         outs = []
         for kernels in (narrow, wide):
             layer.kernels = kernels

@@ -149,7 +149,7 @@ static inline __m256 exp256(__m256 x) {
  * Q4: 4-bit q in 0..15, w = q * d + m per column and 32 k (GGUF's Q4_1; Q4_0 is m = -8 d). data
  *     [P][K/32][16][16] bytes: byte j of a group holds k = j (low nibble) and k = j + 16 (high), one
  *     byte per column; d, m [P][K/32][16] float16.
- * Q4_X8: Q4's values, d and m, with x quantized per row and 32 k to int8 (symmetric: qx = round(x / dx),
+ * Q4_X8: Q4's values, d and m, with x quantized per row and 32 k to int8 (symmetric: qx = round(x * 127 / max|x|),
  *     dx = max|x| / 127) and the products summed as integers: per group, sum_k x_k w_k is taken as
  *     dx d sum_k qx_k q_k + m dx sum_k qx_k, the product with x rounded to dx qx. data [P][2][K/32][4][8][4] bytes: for each
  *     half of the panel (columns 0-7, 8-15), group and octet o of k, 4 bytes per column, byte i holding
@@ -646,12 +646,11 @@ static void panel_group(const Product *p, int64_t group) {
  * Float weights, and quantized ones above Q_ROWS rows, are handed out one group at a time: when another
  * process takes a core from one thread (Ray's daemons next to a served engine), the other goes on with
  * the remaining panels instead of waiting at the barrier for a fixed half (benchmarks/README.md).
- * Quantized weights up to Q_ROWS rows are split in one contiguous half per thread instead: their panels
+ * Quantized weights up to Q_ROWS rows are split in one contiguous share per thread instead: their panels
  * are so short (a few KB) that one group at a time restarts each thread's weight stream every few KB,
- * and the product ran at ~11 instead of ~20 GB/s (benchmarks/README.md).
- * `scratch` is the calling thread's buffer of TILE_PANELS * K * PANEL floats (panel_scratch), needed for quantized
- * weights (expanded panels above Q_ROWS rows; Q4_X8's int8 rows up to Q_ROWS), `shared_rows` one of
- * int8_rows_bytes(M, K) all threads share, needed for Q4_X8 above Q_ROWS rows. */
+ * and the product streamed 10.5-12.5 GB/s instead of 20-32 (benchmarks/README.md).
+ * `scratch` is the calling thread's buffer (thread_scratch) and `shared_rows` one of int8_rows_bytes(M, K) all threads
+ * share, needed for Q4_X8 above Q_ROWS rows (shared_rows_buffer). */
 static void panels_body(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
                         const float *residual, float *out, float *scratch, void *shared_rows) {
     Product p = {w, x, bias, residual, {NULL, NULL, NULL}, M, K, N, gated ? 8 : PANEL, 0, gated, 0, out, scratch};
@@ -668,14 +667,24 @@ static void panels_body(const Weights *w, const float *x, int64_t M, int64_t K, 
     }
 }
 
-static float *panel_scratch(int64_t K) { return aligned_alloc(64, TILE_PANELS * K * PANEL * sizeof(float)); }
+/* A thread's scratch for products over M rows of at most K inputs, where `expands` says whether any weights are Q8/Q4
+ * and `rounds` whether any are Q4_X8: TILE_PANELS * K * PANEL floats for the expanded panels above Q_ROWS rows, the
+ * int8 rows of Q4_X8 up to Q_ROWS rows, or nothing (NULL). */
+static float *thread_scratch(int expands, int rounds, int64_t M, int64_t K) {
+    int64_t bytes = M > Q_ROWS ? (expands ? TILE_PANELS * K * PANEL * (int64_t)sizeof(float) : 0) : (rounds ? int8_rows_bytes(M, K) : 0);
+    return bytes ? aligned_alloc(64, (bytes + 63) / 64 * 64) : NULL;
+}
+
+/* The int8 rows the threads share for Q4_X8 above Q_ROWS rows (NULL where not needed). */
+static void *shared_rows_buffer(int rounds, int64_t M, int64_t K) { return rounds && M > Q_ROWS ? malloc(int8_rows_bytes(M, K)) : NULL; }
 
 static void run_panels(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
                        const float *residual, float *out, int threads) {
-    void *shared_rows = w->format == FORMAT_Q4_X8 && M > Q_ROWS ? malloc(int8_rows_bytes(M, K)) : NULL;
+    int expands = w->format == FORMAT_Q8 || w->format == FORMAT_Q4, rounds = w->format == FORMAT_Q4_X8;
+    void *shared_rows = shared_rows_buffer(rounds, M, K);
 #pragma omp parallel num_threads(threads)
     {
-        float *scratch = w->format != FORMAT_F32 ? panel_scratch(K) : NULL;
+        float *scratch = thread_scratch(expands, rounds, M, K);
         panels_body(w, x, M, K, N, gated, bias, residual, out, scratch, shared_rows);
         free(scratch);
     }
@@ -885,10 +894,18 @@ void llm_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int6
     widest = H * D > widest ? H * D : widest;
     float *h = malloc(sizeof(float) * B * hidden), *qkv = malloc(sizeof(float) * B * qkv_width);
     float *attn = malloc(sizeof(float) * B * H * D), *gated = malloc(sizeof(float) * B * inter);
-    void *shared_rows = B > Q_ROWS ? malloc(int8_rows_bytes(B, widest)) : NULL;
+    int expands = 0, rounds = 0;
+    for (int64_t l = 0; l < L; l++) {
+        const Weights *all[4] = {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down};
+        for (int i = 0; i < 4; i++) {
+            expands |= all[i]->format == FORMAT_Q8 || all[i]->format == FORMAT_Q4;
+            rounds |= all[i]->format == FORMAT_Q4_X8;
+        }
+    }
+    void *shared_rows = shared_rows_buffer(rounds, B, widest);
 #pragma omp parallel num_threads(threads)
     {
-        float *scratch = panel_scratch(widest);
+        float *scratch = thread_scratch(expands, rounds, B, widest);
         for (int64_t l = 0; l < L; l++) {
             const Layer *layer = layers + l;
             rms_norm_body(x, B, hidden, layer->input_norm, eps, h);

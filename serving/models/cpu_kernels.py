@@ -1,4 +1,5 @@
-"""Build and call the CPU kernels of `cpu_kernels.c` (float32 activations; float32, int8 or 4-bit weights).
+"""Build and call the CPU kernels of `cpu_kernels.c` (float32 activations, which the q4_x8 format rounds to
+int8 itself; float32, int8 or 4-bit weights).
 
 The C file is compiled once per machine and source version with the system C compiler (a second or
 two) into the cache directory, and loaded with ctypes. It is linked against the OpenMP runtime
