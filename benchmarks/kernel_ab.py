@@ -6,8 +6,9 @@
 
 Runs a decode step's worth of the default model's projections (q/k/v, o, gate/up with SiLU, down; 30
 layers, each with its own weights, so that they come from memory as in a real step) in one weight format,
-through raw calls of each build's llm_quantized, or llm_linear / llm_gate_up for float32. Rounds alternate the builds,
-so that this shared machine's drift from minute to minute hits both alike; reported are the median
+through raw calls of each build's llm_quantized, or llm_linear / llm_gate_up for float32. Each round runs
+both builds, the other one first every other round, so that this shared machine's drift from minute to
+minute hits both alike; reported are the median
 time of each over the rounds, the weight stream it amounts to, and their ratio (> 1: the second is faster).
 """
 
@@ -85,11 +86,13 @@ def main() -> None:
     parser.add_argument("--avx512", action="store_true", help="build both with the AVX-512 tiles")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.format == "q4_x8" and any("FORMAT_Q4_X8" not in source.read_text() for source in (args.first, args.second)):
+        raise SystemExit("--format q4_x8 needs both sources to have the Q4_X8 format (int4's int8 inputs, from 7fc47e8 on)")
     builds = [CpuKernels(ctypes.CDLL(str(build(args.avx512, source)))) for source in (args.first, args.second)]
     calls, weight_bytes, _keep = step_calls(args.format, args.rows, args.threads, builds[0])
     times: list[list[float]] = [[], []]
-    for _ in tqdm(range(args.rounds), desc="rounds"):
-        for kernels, spent in zip(builds, times):
+    for r in tqdm(range(args.rounds), desc="rounds"):
+        for kernels, spent in zip(builds, times) if r % 2 == 0 else zip(builds[::-1], times[::-1]):
             start = time.perf_counter()
             for function, arguments in calls:
                 getattr(kernels, function)(*arguments)

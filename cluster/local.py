@@ -27,19 +27,11 @@ from ray._private.authentication.authentication_token_setup import _enable_token
 from ray._private.ray_constants import DEFAULT_DASHBOARD_PORT, DEFAULT_PORT
 
 from cluster.haproxy import haproxy_env
+from cluster.ray_settings import RAY_NODE_ENV, RAY_START_PARAMS
 
 STATE_FILE = "local-cluster.json"
 LOG_FILE = "local-cluster.log"
 _HOST = "127.0.0.1"
-# What every Ray node of the project runs with, here and in the Helm chart's pods (scripts/gen_chart_schema.py
-# writes both into the chart). Ray keeps num_cpus idle worker processes ready for tasks; Serve runs only actors, each
-# in a process of its own, and every idle Ray worker wakes 100 times a second (~1% of a core, taken from the
-# engine): let them go once idle.
-RAY_NODE_ENV = {"RAY_num_workers_soft_limit": "0"}
-# The log monitor copies every worker's output to connected drivers; ours connect with log_to_driver=False (and
-# Serve's REST deployments have none), the logs stay in their files (and the dashboard), and it would cost ~1% of a
-# core polling them.
-RAY_START_PARAMS = {"include-log-monitor": "false"}
 _HEAD_ENV = {
     "RAY_AUTH_MODE": "token",
     # a single-node cluster has nowhere to drain its work to: stop at once rather than after 30 s

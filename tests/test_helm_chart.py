@@ -18,7 +18,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.local import RAY_NODE_ENV, RAY_START_PARAMS
+from cluster.ray_settings import RAY_NODE_ENV, RAY_START_PARAMS
 from serving.config import LLMConfig, ServerConfig
 from serving.server.replica_resources import replica_actor_options
 from serving.server.serve_env import SERVE_CONTROLLER_ENV
@@ -226,7 +226,7 @@ def test_model_sources_reach_the_worker_pods(renders):
 
 
 def test_every_ray_node_runs_with_the_projects_ray_settings(renders):
-    """The pods' Ray nodes keep no idle task workers and no log monitor, as the local cluster's (cluster/local.py)."""
+    """The pods' Ray nodes keep no idle task workers and no log monitor (cluster/ray_settings.py), as the local cluster's."""
     for objects in renders.values():
         cluster = rayservice(objects)["spec"]["rayClusterConfig"]
         for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:

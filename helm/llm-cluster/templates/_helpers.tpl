@@ -97,7 +97,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "llm-cluster.env" -}}
 - name: LLM_CLUSTER_CACHE
   value: {{ .Values.modelCache.mountPath | quote }}
-{{- /* RAY_NODE_ENV of cluster/local.py, through files/project-defaults.yaml: no idle task workers kept */}}
+{{- /* RAY_NODE_ENV of cluster/ray_settings.py, through files/project-defaults.yaml: no idle task workers kept */}}
 {{- range $name, $value := (include "llm-cluster.projectDefaults" . | fromYaml).ray_node_env }}
 - name: {{ $name }}
   value: {{ $value | quote }}

@@ -109,7 +109,7 @@ ray.io/group: {{ .group }}
 {{- end }}
 
 {{/* ray start parameters of a pod: the user's rayStartParams; where they set none, the object store size (so it
-     always fits /dev/shm) and RAY_START_PARAMS of cluster/local.py (through files/project-defaults.yaml); `extra` over all. */}}
+     always fits /dev/shm) and RAY_START_PARAMS of cluster/ray_settings.py (through files/project-defaults.yaml); `extra` over all. */}}
 {{- define "llm-cluster.rayStartParams" -}}
 {{- $defaults := (include "llm-cluster.projectDefaults" .root | fromYaml).ray_start_params }}
 {{- $params := merge (deepCopy (.rayStartParams | default dict)) (dict "object-store-memory" (include "llm-cluster.objectStoreBytes" . | toString)) $defaults }}
