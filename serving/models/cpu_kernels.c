@@ -164,6 +164,9 @@ static inline __m256 exp256(__m256 x) {
 enum { FORMAT_F32 = 0, FORMAT_Q8 = 1, FORMAT_Q4 = 2, FORMAT_Q4_X8 = 3 };
 #define Q_ROWS 4
 
+/* Whether weights of this format are expanded to float panels above Q_ROWS rows (the float-input quantized ones). */
+static int expands_above_q_rows(int format) { return format == FORMAT_Q8 || format == FORMAT_Q4; }
+
 typedef struct {
     int format;
     const void *data, *scales, *mins;
@@ -653,9 +656,9 @@ static void panel_group(const Product *p, int64_t group) {
  * share, needed for Q4_X8 above Q_ROWS rows (shared_rows_buffer). */
 static void panels_body(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
                         const float *residual, float *out, float *scratch, void *shared_rows) {
-    Product p = {w, x, bias, residual, {NULL, NULL, NULL}, M, K, N, gated ? 8 : PANEL, 0, gated, 0, out, scratch};
-    p.num_panels = (N + p.columns - 1) / p.columns;
-    p.expand = (w->format == FORMAT_Q8 || w->format == FORMAT_Q4) && M > Q_ROWS;
+    int64_t columns = gated ? 8 : PANEL;
+    int expand = expands_above_q_rows(w->format) && M > Q_ROWS;
+    Product p = {w, x, bias, residual, {NULL, NULL, NULL}, M, K, N, columns, (N + columns - 1) / columns, gated, expand, out, scratch};
     if (w->format == FORMAT_Q4_X8) p.xq = quantize_rows(x, M, K, scratch, shared_rows);
     int64_t groups = (p.num_panels + TILE_PANELS - 1) / TILE_PANELS;
     if (w->format != FORMAT_F32 && M <= Q_ROWS) {
@@ -680,7 +683,7 @@ static void *shared_rows_buffer(int rounds, int64_t M, int64_t K) { return round
 
 static void run_panels(const Weights *w, const float *x, int64_t M, int64_t K, int64_t N, int gated, const float *bias,
                        const float *residual, float *out, int threads) {
-    int expands = w->format == FORMAT_Q8 || w->format == FORMAT_Q4, rounds = w->format == FORMAT_Q4_X8;
+    int expands = expands_above_q_rows(w->format), rounds = w->format == FORMAT_Q4_X8;
     void *shared_rows = shared_rows_buffer(rounds, M, K);
 #pragma omp parallel num_threads(threads)
     {
@@ -898,7 +901,7 @@ void llm_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int6
     for (int64_t l = 0; l < L; l++) {
         const Weights *all[4] = {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down};
         for (int i = 0; i < 4; i++) {
-            expands |= all[i]->format == FORMAT_Q8 || all[i]->format == FORMAT_Q4;
+            expands |= expands_above_q_rows(all[i]->format);
             rounds |= all[i]->format == FORMAT_Q4_X8;
         }
     }
