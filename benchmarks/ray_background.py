@@ -6,10 +6,10 @@ against the same cluster stopped (SIGSTOP), alternating every run.
 
 A child process starts a local Ray cluster and deploys the model as serving_overhead does (the LLM and API replicas,
 Serve's controller and proxies, HAProxy, the metrics exporter), then idles. This process, which is not a Ray
-driver, steps its own LLMEngine on --concurrency prompts to completion, once with every process of that cluster
-running and once with all of them stopped, in alternating order, so the two halves of a pair are seconds apart
-(this machine's speed drifts by a third from minute to minute; serving_overhead's "Ray's background" compares runs
-minutes apart). Prints the median of the pairs' ratios and each cluster process's CPU over the running halves, and
+driver, steps its own engine on --concurrency prompts to completion (serving_overhead.offline_throughput), once
+with every process of that cluster running and once with all of them stopped, in alternating order, so the two
+halves of a pair are seconds apart (this machine's speed drifts by a third from minute to minute;
+serving_overhead's "Ray's background" compares runs minutes apart). Prints the median of the pairs' ratios and each cluster process's CPU over the running halves, and
 writes a JSON file (--out).
 """
 
@@ -27,10 +27,9 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from benchmarks.serving_overhead import prompts
+from benchmarks.serving_overhead import offline_throughput, prompts
 from serving.config import LLMConfig
-from serving.engine.llm_engine import LLMEngine
-from serving.engine.sampling_params import SamplingParams
+from serving.engine.async_engine import AsyncLLMEngine
 
 # the child: an idle served cluster that lives until it is killed
 _CLUSTER = """
@@ -91,25 +90,6 @@ def _title(cmdline: list[str]) -> str:
     return f"{Path(cmdline[0]).name} {Path(script).name}"
 
 
-class OfflineRuns:
-    """The engine stepped alone on the same prompts, run after run."""
-
-    def __init__(self, config: LLMConfig, concurrency: int, output_len: int) -> None:
-        self.engine = LLMEngine(config)
-        self.texts = prompts(concurrency)
-        self.params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-        self.runs = 0
-
-    def throughput(self) -> float:
-        self.runs += 1
-        start = time.perf_counter()
-        for i, text in enumerate(self.texts):
-            self.engine.add_request(f"run{self.runs}-{i}", text, self.params)
-        while self.engine.has_unfinished_requests():
-            self.engine.step()
-        return len(self.texts) * self.params.max_tokens / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="model folder, repo id or 'default'")
@@ -124,18 +104,18 @@ def main() -> None:
     child = start_cluster(config)
     try:
         processes = cluster_processes(child)
-        offline = OfflineRuns(config, args.concurrency, args.output_len)
-        offline.throughput()  # warm-up
+        engine, texts = AsyncLLMEngine(config), prompts(args.concurrency)
+        offline_throughput(engine, texts, args.output_len)  # warm-up
         running, stopped, busy_s = [], [], 0.0
         cpu: dict[str, float] = {}
         for i in tqdm(range(args.pairs), desc="Pairs (cluster running, stopped)"):
             for state in ("running", "stopped") if i % 2 == 0 else ("stopped", "running"):
                 signal_all(processes, signal.SIGCONT if state == "running" else signal.SIGSTOP)
                 if state == "stopped":
-                    stopped.append(offline.throughput())
+                    stopped.append(offline_throughput(engine, texts, args.output_len))
                     continue
                 before, start = cpu_seconds(processes), time.perf_counter()
-                running.append(offline.throughput())
+                running.append(offline_throughput(engine, texts, args.output_len))
                 busy_s += time.perf_counter() - start
                 for name, seconds in cpu_seconds(processes).items():
                     cpu[name] = cpu.get(name, 0.0) + seconds - before.get(name, seconds)
