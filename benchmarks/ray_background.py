@@ -3,9 +3,12 @@ against the same cluster stopped (SIGSTOP), alternating every run.
 
     python -m benchmarks.ray_background                  # default model, 8 pairs
     python -m benchmarks.ray_background --pairs 12 --output-len 64
+    python -m benchmarks.ray_background --like-serve     # the cluster `llmcluster serve` starts
 
 A child process starts a local Ray cluster and deploys the model as serving_overhead does (the LLM and API replicas,
-Serve's controller and proxies, HAProxy, the metrics exporter), then idles. This process, which is not a Ray
+Serve's controller and proxies, HAProxy, the metrics exporter), then idles. With --like-serve the cluster is the one
+`llmcluster serve` starts instead (`ray start` in a session of its own, with the dashboard and without the log monitor),
+rather than serving_overhead's and the tests' `ray.init` session (no dashboard, with the log monitor). This process, which is not a Ray
 driver, steps its own engine on --concurrency prompts to completion (serving_overhead.offline_throughput), once
 with every process of that cluster running and once with all of them stopped, in alternating order, so the two
 halves of a pair are seconds apart (this machine's speed drifts by a third from minute to minute;
@@ -46,9 +49,31 @@ while True:
     time.sleep(3600)
 """
 
+# the child with --like-serve: the cluster `llmcluster serve` starts (serving/cli.py), stopped as `llmcluster shutdown` does
+_SERVED_CLUSTER = """
+import signal, sys, tempfile, time
+from pathlib import Path
+from cluster import local
+from serving.config import LLMConfig
+from serving.server.deployments import deploy
+config = LLMConfig.model_validate_json(sys.argv[1])
+state_dir = Path(tempfile.mkdtemp(prefix="ray-background-"))
+cluster = local.start(state_dir, local.free_port(), local.free_port())
+try:
+    local.connect(cluster.address, token_auth=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # after ray.init, which installs a SIGTERM handler of its own
+    deploy(config.model_copy(update={"server": config.server.model_copy(update={"port": local.free_port()})}))
+    print("ready", flush=True)
+    while True:
+        time.sleep(3600)
+finally:
+    local.stop(state_dir)
+"""
 
-def start_cluster(config: LLMConfig) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", _CLUSTER, config.model_dump_json()], stdout=subprocess.PIPE, text=True)
+
+def start_cluster(config: LLMConfig, like_serve: bool = False) -> subprocess.Popen:
+    code = _SERVED_CLUSTER if like_serve else _CLUSTER
+    child = subprocess.Popen([sys.executable, "-c", code, config.model_dump_json()], stdout=subprocess.PIPE, text=True)
     if child.stdout.readline().strip() != "ready":
         raise RuntimeError(f"the cluster did not start (exit code {child.wait()})")
     return child
@@ -84,7 +109,7 @@ def _title(cmdline: list[str]) -> str:
     """`ray::Class` for a Ray worker, else the program and its first argument that is not an option (a script)."""
     if cmdline[0].startswith("ray::"):
         return cmdline[0][:60]
-    if "-c" in cmdline:
+    if Path(cmdline[0]).name.startswith("python") and "-c" in cmdline:
         return f"{Path(cmdline[0]).name} -c (this benchmark's cluster driver)"
     script = next((part for part in cmdline[1:] if not part.startswith("-")), "")
     return f"{Path(cmdline[0]).name} {Path(script).name}"
@@ -96,12 +121,13 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8, help="running/stopped pairs; the median of their ratios is reported")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--like-serve", action="store_true", help="the cluster `llmcluster serve` starts (see above)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ray_background.json"))
     args = parser.parse_args()
     config = LLMConfig.model_validate(
         {"model": {"source": args.model, "max_model_len": 1024}, "engine": {"kv_cache_memory_gb": 0.5, "max_num_seqs": args.concurrency}}
     )
-    child = start_cluster(config)
+    child = start_cluster(config, args.like_serve)
     try:
         processes = cluster_processes(child)
         engine, texts = AsyncLLMEngine(config), prompts(args.concurrency)
@@ -121,7 +147,7 @@ def main() -> None:
                     cpu[name] = cpu.get(name, 0.0) + seconds - before.get(name, seconds)
     finally:
         signal_all(cluster_processes(child), signal.SIGCONT)
-        child.terminate()  # it exits through ray.shutdown, which stops its session's processes
+        child.terminate()  # it stops its cluster on the way out (ray.shutdown at exit, or local.stop with --like-serve)
         child.wait()
     ratios = [r / s for r, s in zip(running, stopped)]
     shares = {name: seconds / busy_s for name, seconds in sorted(cpu.items(), key=lambda item: -item[1])}
