@@ -6,14 +6,14 @@ against the same cluster stopped (SIGSTOP), alternating every run.
     python -m benchmarks.ray_background --like-serve     # the cluster `llmcluster serve` starts
 
 A child process starts a local Ray cluster and deploys the model as serving_overhead does (the LLM and API replicas,
-Serve's controller and proxies, HAProxy, the metrics exporter), then idles. With --like-serve the cluster is the one
-`llmcluster serve` starts instead (`ray start` in a session of its own, with the dashboard and without the log monitor),
-rather than serving_overhead's and the tests' `ray.init` session (no dashboard, with the log monitor). This process, which is not a Ray
-driver, steps its own engine on --concurrency prompts to completion (serving_overhead.offline_throughput), once
-with every process of that cluster running and once with all of them stopped, in alternating order, so the two
-halves of a pair are seconds apart (this machine's speed drifts by a third from minute to minute;
-serving_overhead's "Ray's background" compares runs minutes apart). Prints the median of the pairs' ratios and each cluster process's CPU over the running halves, and
-writes a JSON file (--out).
+Serve's controller and proxies, HAProxy, the metrics exporter), then idles. By default that cluster is the `ray.init`
+session serving_overhead and the tests start (no dashboard, with the log monitor); with --like-serve it is the one
+`llmcluster serve` starts (`ray start` in a session of its own, with the dashboard, without the log monitor).
+This process, which is not a Ray driver, steps its own engine on --concurrency prompts to completion
+(serving_overhead.offline_throughput), once with every process of that cluster running and once with all of them
+stopped, in alternating order, so the two halves of a pair are seconds apart (this machine's speed drifts by a third
+from minute to minute; serving_overhead's "Ray's background" compares runs minutes apart). Prints the median of the
+pairs' ratios and each cluster process's CPU over the running halves, and writes a JSON file (--out).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ while True:
 
 # the child with --like-serve: the cluster `llmcluster serve` starts (serving/cli.py), stopped as `llmcluster shutdown` does
 _SERVED_CLUSTER = """
-import signal, sys, tempfile, time
+import shutil, signal, sys, tempfile, time
 from pathlib import Path
 from cluster import local
 from serving.config import LLMConfig
@@ -68,6 +68,7 @@ try:
         time.sleep(3600)
 finally:
     local.stop(state_dir)
+    shutil.rmtree(state_dir)
 """
 
 
