@@ -315,6 +315,21 @@ def test_sampled_json_always_validates(default_llm):
         jsonschema.validate(json.loads(completion.text), value)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int8", "int4", "gguf"])
+def test_sampled_json_validates_from_quantized_weights(default_model, quantization):
+    """The mask applies to the logits whatever format the weights are in: JSON sampled from the quantized default
+    model (gguf: its own Q4_1 file) validates as it does in float32."""
+    llm = LLM(str(default_model), max_model_len=512, kv_cache_memory_gb=0.25, quantization=quantization)
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Reply with a small JSON example."}])
+    names = ["nested objects", "string pattern", "array of objects", "anyOf and nullable"]
+    params = [SamplingParams(max_tokens=160, temperature=1.0, seed=0, constraint=schema(SCHEMAS[name])) for name in names]
+    for name, out in zip(names, llm.generate([prompt] * len(names), params, use_tqdm=False)):
+        completion = out.outputs[0]
+        assert completion.finish_reason == "stop", (name, completion.text)
+        jsonschema.validate(json.loads(completion.text), SCHEMAS[name])
+
+
 # tensor parallelism
 
 
