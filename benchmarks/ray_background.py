@@ -34,47 +34,37 @@ from benchmarks.serving_overhead import offline_throughput, prompts
 from serving.config import LLMConfig
 from serving.engine.async_engine import AsyncLLMEngine
 
-# the child: an idle served cluster that lives until it is killed
+# the child: an idle served cluster that lives until it is killed. Its cluster is the `ray.init` session of
+# serving_overhead and the tests, or (argument "like-serve") the one `llmcluster serve` starts (serving/cli.py), stopped
+# as `llmcluster shutdown` does.
 _CLUSTER = """
-import signal, sys, time
-from cluster.local import free_port, init_private_session
-from serving.config import LLMConfig
-from serving.server.deployments import deploy
-config = LLMConfig.model_validate_json(sys.argv[1])
-init_private_session()
-deploy(config.model_copy(update={"server": config.server.model_copy(update={"port": free_port()})}))
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exit through ray's atexit shutdown, which stops the session
-print("ready", flush=True)
-while True:
-    time.sleep(3600)
-"""
-
-# the child with --like-serve: the cluster `llmcluster serve` starts (serving/cli.py), stopped as `llmcluster shutdown` does
-_SERVED_CLUSTER = """
 import shutil, signal, sys, tempfile, time
 from pathlib import Path
 from cluster import local
 from serving.config import LLMConfig
 from serving.server.deployments import deploy
-config = LLMConfig.model_validate_json(sys.argv[1])
+config, like_serve = LLMConfig.model_validate_json(sys.argv[1]), sys.argv[2] == "like-serve"
 state_dir = Path(tempfile.mkdtemp(prefix="ray-background-"))
-cluster = local.start(state_dir, local.free_port(), local.free_port())
 try:
-    local.connect(cluster.address, token_auth=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # after ray.init, which installs a SIGTERM handler of its own
+    if like_serve:
+        local.connect(local.start(state_dir, local.free_port(), local.free_port()).address, token_auth=True)
+    else:
+        local.init_private_session()
+    # set after ray.init, which installs a SIGTERM handler of its own; ray's atexit shutdown then stops a ray.init session
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     deploy(config.model_copy(update={"server": config.server.model_copy(update={"port": local.free_port()})}))
     print("ready", flush=True)
     while True:
         time.sleep(3600)
 finally:
-    local.stop(state_dir)
+    local.stop(state_dir)  # nothing to stop for a ray.init session
     shutil.rmtree(state_dir)
 """
 
 
 def start_cluster(config: LLMConfig, like_serve: bool = False) -> subprocess.Popen:
-    code = _SERVED_CLUSTER if like_serve else _CLUSTER
-    child = subprocess.Popen([sys.executable, "-c", code, config.model_dump_json()], stdout=subprocess.PIPE, text=True)
+    kind = "like-serve" if like_serve else "ray.init"
+    child = subprocess.Popen([sys.executable, "-c", _CLUSTER, config.model_dump_json(), kind], stdout=subprocess.PIPE, text=True)
     if child.stdout.readline().strip() != "ready":
         raise RuntimeError(f"the cluster did not start (exit code {child.wait()})")
     return child

@@ -298,21 +298,21 @@ def default_llm(default_model) -> LLM:
     return LLM(str(default_model), max_model_len=512, kv_cache_memory_gb=0.25)
 
 
-@pytest.mark.slow
-def test_sampled_json_always_validates(default_llm):
+def assert_sampled_json_validates(llm: LLM, names: list[str], seeds: tuple[int, ...]) -> None:
+    """Each schema of SCHEMAS named in `names`, sampled once per seed: every completion stops and validates."""
     # one short prompt for all (its KV is computed once): the grammar, not the prompt, makes the output valid
-    prompt = default_llm.tokenizer.apply_chat_template([{"role": "user", "content": "Reply with a small JSON example."}])
-    prompts, params, expected = [], [], []
-    for name, value in SCHEMAS.items():
-        for seed in SEEDS:
-            prompts.append(prompt)
-            params.append(SamplingParams(max_tokens=160, temperature=1.0, seed=seed, constraint=schema(value)))
-            expected.append((name, value))
-    outputs = default_llm.generate(prompts, params, use_tqdm=False)
-    for (name, value), out in zip(expected, outputs):
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Reply with a small JSON example."}])
+    cases = [(name, seed) for name in names for seed in seeds]
+    params = [SamplingParams(max_tokens=160, temperature=1.0, seed=seed, constraint=schema(SCHEMAS[name])) for name, seed in cases]
+    for (name, _), out in zip(cases, llm.generate([prompt] * len(cases), params, use_tqdm=False)):
         completion = out.outputs[0]
         assert completion.finish_reason == "stop", (name, completion.text)
-        jsonschema.validate(json.loads(completion.text), value)
+        jsonschema.validate(json.loads(completion.text), SCHEMAS[name])
+
+
+@pytest.mark.slow
+def test_sampled_json_always_validates(default_llm):
+    assert_sampled_json_validates(default_llm, list(SCHEMAS), SEEDS)
 
 
 @pytest.mark.slow
@@ -321,13 +321,7 @@ def test_sampled_json_validates_from_quantized_weights(default_model, quantizati
     """The mask applies to the logits whatever format the weights are in: JSON sampled from the quantized default
     model (gguf: its own Q4_1 file) validates as it does in float32."""
     llm = LLM(str(default_model), max_model_len=512, kv_cache_memory_gb=0.25, quantization=quantization)
-    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Reply with a small JSON example."}])
-    names = ["nested objects", "string pattern", "array of objects", "anyOf and nullable"]
-    params = [SamplingParams(max_tokens=160, temperature=1.0, seed=0, constraint=schema(SCHEMAS[name])) for name in names]
-    for name, out in zip(names, llm.generate([prompt] * len(names), params, use_tqdm=False)):
-        completion = out.outputs[0]
-        assert completion.finish_reason == "stop", (name, completion.text)
-        jsonschema.validate(json.loads(completion.text), SCHEMAS[name])
+    assert_sampled_json_validates(llm, ["nested objects", "string pattern", "array of objects", "anyOf and nullable"], (0,))
 
 
 # tensor parallelism
